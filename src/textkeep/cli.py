@@ -1,0 +1,110 @@
+"""The `textkeep` command: each subcommand is a plain function; `--config FILE.yaml` fills its arguments.
+
+Options are written with dashes or underscores alike (`--max-new-tokens` = `--max_new_tokens`);
+YAML configs use the Python argument names.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from textkeep.errors import TextkeepError
+
+
+def models(prepare: str | None = None, force: bool = False) -> None:
+    """List the model registry, or convert and cache the named models (`--prepare smollm2-135m-instruct,whisper-base`).
+
+    Args:
+        prepare: registry names to convert into the cache now, comma-separated.
+        force: convert again even when the cache is up to date.
+    """
+    from textkeep.model import registry
+
+    names = [n.strip() for n in (prepare or "").split(",") if n.strip()]
+    if not names:
+        print(f"{'name':24} {'prepared':9} description")
+        for m in registry.REGISTRY.values():
+            print(f"{m.name:24} {'yes' if registry.is_prepared(m.name) else 'no':9} {m.description}")
+        print(f"\ncache: {registry.converted_dir('x').parent}")
+        return
+    for name in names:
+        if name not in registry.REGISTRY:
+            raise TextkeepError(f"'{name}' is not in the registry; choose from: {', '.join(registry.REGISTRY)}")
+        cached = registry.is_prepared(name) and not force
+        started = time.time()
+        path = registry.prepare(name, force=force)
+        print(f"{name}: {'cached' if cached else 'converted'} in {time.time() - started:.1f} s → {path}")
+
+
+def answer(
+    text: str | None = None,
+    audio: Path | None = None,
+    model: str = "smollm2-135m-instruct",
+    encoder: str = "whisper-base",
+    max_new_tokens: int = 64,
+) -> str:
+    """Answer one question, typed (--text) or spoken (--audio FILE.wav).
+
+    Args:
+        text: the question as text (the text-to-text path).
+        audio: a WAV/FLAC file of the spoken question (the speech-to-text path).
+        model: a textkeep checkpoint directory, or an LLM (registry name, local directory or hub id) to wrap with a new adaptor.
+        encoder: the Whisper encoder to use when `model` is an LLM rather than a checkpoint.
+        max_new_tokens: the longest answer, in tokens.
+    """
+    from textkeep.model.audio import load_audio
+    from textkeep.model.speech_llm import Sample, SpeechLLM, is_checkpoint
+
+    if (text is None) == (audio is None):
+        raise TextkeepError("give exactly one of --text \"question\" or --audio FILE.wav")
+    speech_llm = SpeechLLM.load(model) if is_checkpoint(model) else SpeechLLM.build(model, encoder if audio else None)
+    if audio is not None:
+        waveform = load_audio(audio)
+        if not speech_llm.config.adaptor_trained:
+            print(
+                "note: this adaptor is untrained (freshly initialised), so the LLM cannot understand the audio yet and the "
+                "answer below is noise. Train one with `textkeep train` and pass its checkpoint as --model.",
+                file=sys.stderr,
+            )
+        sample = Sample(speech=speech_llm.encode_audio([waveform])[0], id=str(audio))
+    else:
+        sample = Sample(text=text)
+    reply = speech_llm.generate([sample], max_new_tokens=max_new_tokens)[0]
+    print(reply)
+    return reply
+
+
+COMMANDS = {"models": models, "answer": answer}
+
+
+def _dashes_to_underscores(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import auto_cli
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    argv = _dashes_to_underscores(sys.argv[1:] if argv is None else argv)
+    try:
+        auto_cli(COMMANDS, args=argv, as_positional=True)
+    except TextkeepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

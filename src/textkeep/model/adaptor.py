@@ -1,0 +1,32 @@
+"""The speech adaptor of LLaMA-Omni: stack k encoder frames, then a two-layer MLP into the LLM's embedding space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SpeechAdaptor(nn.Module):
+    """(n, d_enc) encoder frames → (n // k, d_llm) LLM input embeddings.
+
+    Every k consecutive frames are concatenated (the remainder n mod k is dropped, as LLaMA-Omni does),
+    which turns Whisper's 50 frames/s into 50/k embeddings/s: 10/s for the default k = 5.
+    """
+
+    def __init__(self, d_encoder: int, d_llm: int, k: int = 5, hidden: int = 2048):
+        super().__init__()
+        if k < 1 or hidden < 1:
+            raise ValueError(f"adaptor k and hidden size must be positive, got k={k}, hidden={hidden}")
+        self.k = k
+        self.proj = nn.Sequential(nn.Linear(d_encoder * k, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
+
+    @staticmethod
+    def output_length(n_frames: int, k: int) -> int:
+        return n_frames // k
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: (..., n, d_enc) → (..., n // k, d_llm)."""
+        *lead, n, d = frames.shape
+        n_out = n // self.k
+        stacked = frames[..., : n_out * self.k, :].reshape(*lead, n_out, d * self.k)
+        return self.proj(stacked)

@@ -1,0 +1,347 @@
+"""SpeechLLM: frozen Whisper encoder → adaptor → causal LM (LLaMA-Omni's encoder–adaptor design).
+
+Data flow, and where each step lives:
+    audio ──load_audio──▶ 16 kHz ──Whisper features + frozen encoder (encode_audio)──▶ frames (n, d_enc), 50/s
+    frames ──SpeechAdaptor (adaptor.py)──▶ n//k embeddings ──spliced at <speech> (embed)──▶ LLM
+    text   ──PromptFormatter (prompt.py)──▶ the same chat template with the transcript where <speech> stood
+
+Encoder frames are the unit the feature cache stores: the encoder is frozen, so they never change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from textkeep.errors import TextkeepError
+from textkeep.model.adaptor import SpeechAdaptor
+from textkeep.model.audio import SAMPLE_RATE
+from textkeep.model.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, IGNORE_INDEX, PromptFormatter
+
+CHECKPOINT_FORMAT = 1
+CONFIG_FILE = "textkeep_config.json"
+ADAPTOR_FILE = "adaptor.safetensors"
+ENCODER_FRAMES_PER_SECOND = 50  # Whisper: 100 mel frames/s, halved by the second conv's stride
+WHISPER_WINDOW_FRAMES = 1500  # 30 s
+
+
+@dataclass
+class SpeechLLMConfig:
+    llm: str = "smollm2-135m-instruct"
+    encoder: str = "whisper-base"
+    adaptor_k: int = 5
+    adaptor_hidden: int = 2048
+    # False: keep only the encoder frames that cover the real audio. True: all 1500 (300 embeddings), as LLaMA-Omni.
+    keep_padding: bool = False
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    user_template: str = DEFAULT_USER_TEMPLATE
+    adaptor_trained: bool = False
+    extra: dict = field(default_factory=dict)  # training provenance (strategy, steps, …), kept with the checkpoint
+
+    def __post_init__(self):
+        if self.adaptor_k < 1:
+            raise TextkeepError(f"adaptor_k must be ≥ 1, got {self.adaptor_k}")
+        if self.adaptor_hidden < 1:
+            raise TextkeepError(f"adaptor_hidden must be ≥ 1, got {self.adaptor_hidden}")
+
+
+@dataclass
+class Sample:
+    """One input: a transcript (text path) or encoder frames (speech path), with the target response if training."""
+
+    text: str | None = None
+    speech: torch.Tensor | None = None  # (n_frames, d_encoder)
+    response: str | None = None
+    id: str = ""
+
+    def __post_init__(self):
+        if (self.text is None) == (self.speech is None):
+            raise ValueError("a Sample has either text or speech, not both and not neither")
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch before embedding: token ids with slots where speech embeddings go."""
+
+    input_ids: torch.Tensor  # (B, T), pad id in padding and speech slots
+    speech_mask: torch.Tensor  # (B, T) bool: slots filled by the adaptor
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX except response tokens
+    speech: list[torch.Tensor]  # encoder frames of the speech samples, in batch order
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(
+            self.input_ids.to(device),
+            self.speech_mask.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            [s.to(device) for s in self.speech],
+        )
+
+    @property
+    def n_response_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def n_speech_embeddings(n_samples: int, k: int, keep_padding: bool) -> int:
+    """How many embeddings an utterance of n_samples (16 kHz) becomes: frames covering it, then ÷ k."""
+    n_frames = WHISPER_WINDOW_FRAMES if keep_padding else min(WHISPER_WINDOW_FRAMES, math.ceil(n_samples * ENCODER_FRAMES_PER_SECOND / SAMPLE_RATE))
+    return n_frames // k
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, llm, tokenizer, encoder, feature_extractor, adaptor: SpeechAdaptor, config: SpeechLLMConfig):
+        super().__init__()
+        self.llm = llm
+        self.encoder = encoder
+        self.adaptor = adaptor
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.config = config
+        self.prompt = PromptFormatter(tokenizer, config.system_prompt, config.user_template)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if encoder is not None:
+            encoder.requires_grad_(False)
+            encoder.eval()
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, llm: str = "smollm2-135m-instruct", encoder: str | None = "whisper-base", seed: int = 0, dtype: torch.dtype = torch.float32, **options) -> "SpeechLLM":
+        """A new speech LLM from a causal LM and a Whisper encoder; the adaptor is freshly initialised (seeded)."""
+        config = SpeechLLMConfig(llm=llm, encoder=encoder or "", **options)
+        llm_model, tokenizer = load_llm(llm, dtype)
+        enc, fe = load_encoder(encoder, dtype) if encoder else (None, None)
+        d_enc = enc.config.d_model if enc is not None else 1
+        torch.manual_seed(seed)
+        adaptor = SpeechAdaptor(d_enc, llm_model.config.hidden_size, config.adaptor_k, config.adaptor_hidden).to(dtype)
+        return cls(llm_model, tokenizer, enc, fe, adaptor, config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adaptor.proj[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adaptor.proj[0].weight.dtype
+
+    # ---- speech front-end -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_audio(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """16 kHz mono arrays → encoder frames (n_i, d_enc) on CPU in float32, cropped to the real audio unless keep_padding."""
+        if self.encoder is None:
+            raise TextkeepError("this SpeechLLM has no speech encoder; build it with encoder='whisper-base' (or another Whisper)")
+        for a in audios:
+            if len(a) == 0:
+                raise TextkeepError("empty audio given to encode_audio; every utterance needs samples")
+            if len(a) > 30 * SAMPLE_RATE:
+                raise TextkeepError(f"audio of {len(a) / SAMPLE_RATE:.1f} s given to encode_audio; Whisper takes at most 30 s")
+        mel = self.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        hidden = self.encoder(mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
+        out = []
+        for a, h in zip(audios, hidden):
+            n = n_speech_embeddings(len(a), 1, self.config.keep_padding)
+            out.append(h[:n].clone())
+        return out
+
+    # ---- batching ---------------------------------------------------------------------------------------------
+    def tokenize(self, samples: Sequence[Sample], padding_side: str = "right") -> TokenBatch:
+        """Token ids, labels and speech slots for a batch; `right` padding for training, `left` for generation."""
+        k = self.config.adaptor_k
+        rows = []
+        for s in samples:
+            enc = self.prompt.encode(s.text if s.speech is None else None, s.response)
+            n_slots = s.speech.shape[0] // k if s.speech is not None else 0
+            if s.speech is not None and n_slots == 0:
+                raise TextkeepError(f"speech of sample '{s.id}' is shorter than {k} encoder frames ({k * 20} ms); it gives the LLM nothing to hear")
+            ids = enc.before + [self.tokenizer.pad_token_id] * n_slots + enc.after + enc.response
+            is_speech = [False] * len(enc.before) + [True] * n_slots + [False] * (len(enc.after) + len(enc.response))
+            labels = [IGNORE_INDEX] * (len(ids) - len(enc.response)) + enc.response
+            rows.append((ids, is_speech, labels))
+        T = max(len(r[0]) for r in rows)
+        B = len(rows)
+        input_ids = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
+        speech_mask = torch.zeros((B, T), dtype=torch.bool)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, is_speech, lab) in enumerate(rows):
+            sl = slice(T - len(ids), T) if padding_side == "left" else slice(0, len(ids))
+            input_ids[i, sl] = torch.tensor(ids)
+            speech_mask[i, sl] = torch.tensor(is_speech)
+            attention_mask[i, sl] = 1
+            labels[i, sl] = torch.tensor(lab)
+        speech = [s.speech for s in samples if s.speech is not None]
+        return TokenBatch(input_ids, speech_mask, attention_mask, labels, speech)
+
+    def embed(self, batch: TokenBatch) -> torch.Tensor:
+        """Token embeddings with the adaptor's outputs written into the speech slots (gradients flow to the adaptor)."""
+        embeds = self.llm.get_input_embeddings()(batch.input_ids)
+        if not batch.speech:
+            return embeds
+        k = self.config.adaptor_k
+        n_max = max(s.shape[0] for s in batch.speech)
+        frames = torch.zeros(len(batch.speech), n_max, batch.speech[0].shape[-1], device=self.device, dtype=self.dtype)
+        for i, s in enumerate(batch.speech):
+            frames[i, : s.shape[0]] = s.to(self.device, self.dtype)
+        # One adaptor call for the whole batch: it maps each group of k frames on its own, so padding
+        # frames only produce rows that are dropped here.
+        projected = self.adaptor(frames)
+        speech_embeds = torch.cat([projected[i, : s.shape[0] // k] for i, s in enumerate(batch.speech)])
+        return embeds.masked_scatter(batch.speech_mask.unsqueeze(-1), speech_embeds.to(embeds.dtype))
+
+    @staticmethod
+    def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def logits(self, batch: TokenBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        return self.llm(
+            inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask, position_ids=self.position_ids(batch.attention_mask), use_cache=False
+        ).logits
+
+    def loss_sum(self, batch: TokenBatch) -> tuple[torch.Tensor, int]:
+        """Sum of next-token cross-entropy over response tokens, and their count.
+
+        The LM head runs only on positions that predict a response token: a 49k-word vocabulary times every
+        prompt and speech position is most of the activation memory otherwise.
+        """
+        batch = batch.to(self.device)
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask, position_ids=self.position_ids(batch.attention_mask), use_cache=False
+        ).last_hidden_state
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        return loss, int(keep.sum())
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_ids(self, samples: Sequence[Sample], max_new_tokens: int = 64, **generate_kwargs) -> list[list[int]]:
+        """Greedy (by default) continuations for a batch, as token ids cut at end-of-turn: left padding, inputs_embeds, the KV cache."""
+        samples = [Sample(text=s.text, speech=s.speech, id=s.id) for s in samples]  # responses are not part of the prompt
+        batch = self.tokenize(samples, padding_side="left").to(self.device)
+        eos = self.stop_ids
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.llm.generate(
+            inputs_embeds=self.embed(batch),
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+        return [row[: next((i for i, t in enumerate(row) if t in eos), len(row))] for row in out.tolist()]
+
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int = 64, **generate_kwargs) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.generate_ids(samples, max_new_tokens, **generate_kwargs)]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return [self.prompt.end_of_turn_id] + ([eos] if eos is not None and eos != self.prompt.end_of_turn_id else [])
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path, llm_weights: str | None = None) -> Path:
+        """Write a checkpoint directory (atomically). llm_weights: 'full', 'lora' (PEFT adapter) or 'base' (unchanged LLM, not copied)."""
+        from safetensors.torch import save_file
+
+        from textkeep.fileio import atomic_dir, write_json
+
+        if llm_weights is None:
+            llm_weights = "lora" if _is_peft(self.llm) else "full"
+        if llm_weights not in ("full", "lora", "base"):
+            raise ValueError(f"llm_weights must be full, lora or base, got {llm_weights!r}")
+        with atomic_dir(out_dir) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.adaptor.state_dict().items()}, str(tmp / ADAPTOR_FILE))
+            if llm_weights == "full":
+                llm = self.llm.merge_and_unload() if _is_peft(self.llm) else self.llm
+                llm.save_pretrained(tmp / "llm", safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp / "llm")
+            elif llm_weights == "lora":
+                self.llm.save_pretrained(tmp / "llm_adapter")
+            write_json(tmp / CONFIG_FILE, {"format": CHECKPOINT_FORMAT, "llm_weights": llm_weights, "config": asdict(self.config)})
+        return Path(out_dir)
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, dtype: torch.dtype = torch.float32) -> "SpeechLLM":
+        from safetensors.torch import load_file
+
+        ckpt_dir = Path(ckpt_dir)
+        meta = _read_checkpoint_config(ckpt_dir)
+        config = SpeechLLMConfig(**{f.name: meta["config"][f.name] for f in fields(SpeechLLMConfig) if f.name in meta["config"]})
+        kind = meta["llm_weights"]
+        needed = [ADAPTOR_FILE] + {"full": ["llm/config.json"], "lora": ["llm_adapter/adapter_config.json"], "base": []}[kind]
+        for rel in needed:
+            if not (ckpt_dir / rel).exists():
+                raise TextkeepError(f"checkpoint '{ckpt_dir}' is missing '{rel}'; it was not fully written. Re-save or re-train it, or point to another checkpoint.")
+        if kind == "full":
+            llm, tokenizer = load_llm(str(ckpt_dir / "llm"), dtype)
+        else:
+            llm, tokenizer = load_llm(config.llm, dtype)
+            if kind == "lora":
+                from peft import PeftModel
+
+                llm = PeftModel.from_pretrained(llm, str(ckpt_dir / "llm_adapter"))
+        enc, fe = load_encoder(config.encoder, dtype) if config.encoder else (None, None)
+        d_enc = enc.config.d_model if enc is not None else 1
+        adaptor = SpeechAdaptor(d_enc, llm.config.hidden_size, config.adaptor_k, config.adaptor_hidden)
+        state = load_file(str(ckpt_dir / ADAPTOR_FILE))
+        try:
+            adaptor.load_state_dict(state)
+        except RuntimeError as e:
+            raise TextkeepError(f"'{ckpt_dir / ADAPTOR_FILE}' does not fit the adaptor described in {CONFIG_FILE} ({e}); the checkpoint is inconsistent.") from None
+        return cls(llm, tokenizer, enc, fe, adaptor.to(dtype), config)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def _read_checkpoint_config(ckpt_dir: Path) -> dict:
+    if not ckpt_dir.is_dir():
+        raise TextkeepError(f"checkpoint directory '{ckpt_dir}' does not exist; check the path.")
+    cfg = ckpt_dir / CONFIG_FILE
+    if not cfg.is_file():
+        raise TextkeepError(f"checkpoint '{ckpt_dir}' is missing '{CONFIG_FILE}'; it is not a textkeep checkpoint or was not fully written.")
+    try:
+        meta = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise TextkeepError(f"'{cfg}' is not valid JSON ({e}); the checkpoint is damaged.") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("llm_weights") not in ("full", "lora", "base"):
+        raise TextkeepError(f"'{cfg}' has format {meta.get('format')!r}/{meta.get('llm_weights')!r}; this textkeep reads format {CHECKPOINT_FORMAT}.")
+    return meta
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from textkeep.model.registry import resolve
+
+    path = resolve(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer
+
+
+def load_encoder(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """The Whisper encoder alone (the decoder is dropped) and its feature extractor."""
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from textkeep.model.registry import resolve
+
+    path = resolve(name_or_path)
+    whisper = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    return whisper.get_encoder(), WhisperFeatureExtractor.from_pretrained(path)

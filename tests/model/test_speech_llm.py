@@ -1,0 +1,198 @@
+"""SpeechLLM on tiny random-init models: adaptor arithmetic, the <speech> splice, labels, batching, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from textkeep.errors import TextkeepError
+from textkeep.model.adaptor import SpeechAdaptor
+from textkeep.model.prompt import IGNORE_INDEX, SPEECH_PLACEHOLDER
+from textkeep.model.speech_llm import Sample, SpeechLLM, n_speech_embeddings
+
+
+def _frames(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("n,k,expected", [(50, 5, 10), (52, 5, 10), (4, 5, 0), (1500, 5, 300), (7, 3, 2), (9, 1, 9)])
+def test_adaptor_output_length(n, k, expected):
+    adaptor = SpeechAdaptor(8, 6, k=k, hidden=16)
+    assert adaptor(torch.randn(n, 8)).shape == (expected, 6)
+    assert adaptor(torch.randn(2, n, 8)).shape == (2, expected, 6)
+    assert SpeechAdaptor.output_length(n, k) == expected
+
+
+def test_adaptor_stacks_consecutive_frames():
+    adaptor = SpeechAdaptor(2, 3, k=2, hidden=4)
+    frames = torch.arange(10.0).reshape(5, 2)  # the 5th frame is the dropped remainder
+    first_layer_input = []
+    adaptor.proj[0].register_forward_hook(lambda m, i, o: first_layer_input.append(i[0]))
+    adaptor(frames)
+    assert torch.equal(first_layer_input[0], torch.tensor([[0.0, 1, 2, 3], [4, 5, 6, 7]]))
+
+
+@pytest.mark.parametrize(
+    "seconds,keep_padding,expected",
+    [(1.0, False, 10), (3.0, False, 30), (2.99, False, 30), (2.97, False, 29), (0.1, False, 1), (3.0, True, 300), (30.0, False, 300)],
+)
+def test_speech_embedding_count(seconds, keep_padding, expected):
+    assert n_speech_embeddings(int(seconds * 16000), 5, keep_padding) == expected
+
+
+def test_encode_audio_crops_to_real_length(tiny_model):
+    audio = [np.zeros(16000, np.float32), np.zeros(48000, np.float32)]
+    frames = tiny_model.encode_audio(audio)
+    assert [f.shape[0] for f in frames] == [50, 150]
+    tiny_model.config.keep_padding = True
+    assert [f.shape[0] for f in tiny_model.encode_audio(audio)] == [1500, 1500]
+
+
+def test_splice_puts_adaptor_outputs_where_the_placeholder_stood(tiny_model):
+    m = tiny_model
+    frames = _frames(23, m.encoder.config.d_model, 0)  # 23 frames → 4 embeddings
+    batch = m.tokenize([Sample(speech=frames)])
+    rendered = m.tokenizer.apply_chat_template(
+        [{"role": "system", "content": m.config.system_prompt}, {"role": "user", "content": m.config.user_template}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    before, after = rendered.split(SPEECH_PLACEHOLDER)
+    ids_before = m.tokenizer(before, add_special_tokens=False)["input_ids"]
+    ids_after = m.tokenizer(after, add_special_tokens=False)["input_ids"]
+    row, mask = batch.input_ids[0].tolist(), batch.speech_mask[0].tolist()
+    n = len(ids_before)
+    assert row[:n] == ids_before and row[n + 4 :] == ids_after
+    assert mask == [False] * n + [True] * 4 + [False] * len(ids_after)
+
+    embeds = m.embed(batch)[0]
+    assert torch.allclose(embeds[n : n + 4], m.adaptor(frames), atol=1e-6)
+    token_embeds = m.llm.get_input_embeddings()(batch.input_ids[0])
+    assert torch.equal(embeds[:n], token_embeds[:n]) and torch.equal(embeds[n + 4 :], token_embeds[n + 4 :])
+
+
+def test_text_path_uses_the_same_template_with_the_transcript(tiny_model):
+    m = tiny_model
+    batch = m.tokenize([Sample(text="Who wrote Hamlet?")])
+    expected = m.tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": m.config.system_prompt},
+            {"role": "user", "content": m.config.user_template.replace(SPEECH_PLACEHOLDER, "Who wrote Hamlet?")},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert m.tokenizer.decode(batch.input_ids[0]) == expected
+    assert not batch.speech_mask.any()
+
+
+def test_labels_cover_only_the_response_and_its_end_of_turn(tiny_model):
+    m = tiny_model
+    for sample in [Sample(text="What is the capital of France?", response="Paris."), Sample(speech=_frames(30, 32, 1), response="A spider has eight legs.")]:
+        batch = m.tokenize([sample])
+        labels, ids = batch.labels[0].tolist(), batch.input_ids[0].tolist()
+        response_ids = m.tokenizer(sample.response, add_special_tokens=False)["input_ids"]
+        eot = m.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        n_resp = len(response_ids) + 1
+        assert labels[-n_resp:] == response_ids + [eot]
+        assert ids[-n_resp:] == response_ids + [eot]
+        assert all(label == IGNORE_INDEX for label in labels[:-n_resp])
+
+
+def test_padding_is_ignored_in_labels(tiny_model):
+    batch = tiny_model.tokenize([Sample(text="Hi", response="Hello"), Sample(text="A much longer question about spiders?", response="Eight.")])
+    pad_positions = batch.attention_mask == 0
+    assert pad_positions.any()
+    assert (batch.labels[pad_positions] == IGNORE_INDEX).all()
+
+
+def _mixed_samples(d_enc: int) -> list[Sample]:
+    return [
+        Sample(text="What is the capital of France?", response="Paris."),
+        Sample(speech=_frames(47, d_enc, 2), response="Eight legs."),
+        Sample(text="Hi", response="Hello there, how can I help you today?"),
+        Sample(speech=_frames(151, d_enc, 3), response="William Shakespeare."),
+    ]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_batched_logits_equal_one_by_one(tiny_model, padding_side):
+    m = tiny_model
+    samples = _mixed_samples(m.encoder.config.d_model)
+    batch = m.tokenize(samples, padding_side=padding_side)
+    with torch.no_grad():
+        logits = m.logits(batch)
+        for i, s in enumerate(samples):
+            single = m.logits(m.tokenize([s]))[0]
+            real = batch.attention_mask[i].bool()
+            torch.testing.assert_close(logits[i][real], single, atol=1e-4, rtol=0)
+
+
+def test_loss_sum_equals_full_logits_cross_entropy(tiny_model):
+    m = tiny_model
+    batch = m.tokenize(_mixed_samples(m.encoder.config.d_model))
+    with torch.no_grad():
+        loss, n = m.loss_sum(batch)
+        logits = m.logits(batch)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), reduction="sum")
+    assert n == int((batch.labels != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss, expected, atol=1e-3, rtol=1e-5)
+
+
+def test_batched_greedy_generation_equals_one_by_one(tiny_model):
+    m = tiny_model
+    samples = [Sample(text=s.text, speech=s.speech) for s in _mixed_samples(m.encoder.config.d_model)]
+    # A random model often emits end-of-turn at once; force some tokens so the comparison means something.
+    batched = m.generate_ids(samples, max_new_tokens=6, min_new_tokens=6)
+    single = [m.generate_ids([s], max_new_tokens=6, min_new_tokens=6)[0] for s in samples]
+    assert batched == single
+    assert all(len(ids) == 6 for ids in batched)
+
+
+def test_gradient_reaches_adaptor_not_encoder(tiny_model):
+    m = tiny_model
+    loss, _ = m.loss_sum(m.tokenize([Sample(speech=_frames(40, 32, 4), response="Paris.")]))
+    loss.backward()
+    assert m.adaptor.proj[0].weight.grad is not None and m.adaptor.proj[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in m.encoder.parameters())
+
+
+def test_too_short_speech_is_refused(tiny_model):
+    with pytest.raises(TextkeepError, match="shorter than 5 encoder frames"):
+        tiny_model.tokenize([Sample(speech=_frames(4, 32, 0), id="clip-7")])
+
+
+def test_checkpoint_round_trip_full(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
+    m = tiny_model
+    with torch.no_grad():
+        m.llm.model.layers[0].mlp.up_proj.weight.add_(0.5)  # a "fine-tuned" LLM must come back as saved
+    m.save(tmp_path / "ckpt")
+    loaded = SpeechLLM.load(tmp_path / "ckpt")
+    batch = m.tokenize(_mixed_samples(32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(batch), m.logits(batch), atol=1e-6, rtol=0)
+    assert not list(tmp_path.glob("**/*.bin")) and not list(tmp_path.glob("**/*.pt"))  # safetensors only, no pickle
+
+
+def test_checkpoint_round_trip_lora(tiny_model, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
+    m = tiny_model
+    m.llm = get_peft_model(m.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    m.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "llm_adapter" / "adapter_model.safetensors").is_file()
+    loaded = SpeechLLM.load(tmp_path / "ckpt")
+    batch = m.tokenize(_mixed_samples(32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(batch), m.logits(batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("missing", ["adaptor.safetensors", "textkeep_config.json", "llm/config.json"])
+def test_checkpoint_missing_file_is_named(tiny_model, tmp_path, missing):
+    tiny_model.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / missing).unlink()
+    with pytest.raises(TextkeepError, match=missing.replace(".", r"\.")):
+        SpeechLLM.load(tmp_path / "ckpt")
