@@ -77,17 +77,83 @@ def answer(
     return reply
 
 
-COMMANDS = {"models": models, "answer": answer}
+def load_model(model: str, encoder: str | None):
+    """A checkpoint directory loads as saved; an LLM name gets `encoder` and a fresh adaptor."""
+    from textkeep.model.speech_llm import SpeechLLM, is_checkpoint
+
+    return SpeechLLM.load(model) if is_checkpoint(model) else SpeechLLM.build(model, encoder)
 
 
-def _dashes_to_underscores(argv: list[str]) -> list[str]:
-    out = []
+def eval_qa(
+    model: str = "smollm2-135m-instruct",
+    sets: str = "llama-questions,web-questions",
+    modes: str = "t2t,s2t",
+    out: Path = Path("runs/eval"),
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    encoder: str = "whisper-base",
+    spoken: dict[str, str] | None = None,
+    show: bool = False,
+) -> dict:
+    """Spoken-QA accuracy, text-to-text (t2t) and speech-to-text (s2t), with 95% intervals.
+
+    Args:
+        model: a textkeep checkpoint directory, or an LLM (No-FT baseline; s2t then uses an untrained adaptor).
+        sets: comma-separated: llama-questions, web-questions, or a QA file.
+        modes: comma-separated: t2t, s2t.
+        out: folder for predictions.jsonl, metrics.json and table.md; a rerun resumes there.
+        limit: only the first N questions of each set.
+        batch_size: questions generated together (length-sorted, left-padded).
+        max_new_tokens: the longest answer, in tokens.
+        encoder: the Whisper encoder when `model` is an LLM and s2t is asked for.
+        spoken: set name → TTS manifest for sets without recorded speech (default: the cache's spoken/<set>/).
+        show: print every question, answer and verdict.
+    """
+    from textkeep.eval.qa import evaluate, results_table
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    set_list = [s.strip() for s in sets.split(",") if s.strip()]
+    started = time.time()
+    speech_llm = load_model(model, encoder if "s2t" in mode_list else None)
+    loaded = time.time()
+    metrics = evaluate(
+        speech_llm, set_list, mode_list, out, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, spoken=spoken, model_name=model, show=show
+    )
+    print(results_table({model: metrics["results"]}))
+    for scorer in ("has_answer", "contains"):
+        parts = [
+            f"{s}/{m}: {100 * r[scorer]['accuracy']:.1f}% (n={r[scorer]['n']})" for s, by_mode in metrics["results"].items() for m, r in by_mode.items()
+        ]
+        print(f"{scorer:10} " + ", ".join(parts))
+    print(f"model load {loaded - started:.1f} s, evaluation {time.time() - loaded:.1f} s; results in {out}/")
+    return metrics
+
+
+COMMANDS = {"models": models, "answer": answer, "eval": eval_qa}
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """`--foo-bar` → `--foo_bar`, and a bare boolean flag (`--show`) → `--show true`, as users expect."""
+    import inspect
+
+    out: list[str] = []
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
         out.append(arg)
-    return out
+    command = COMMANDS.get(out[0]) if out else None
+    if command is None:
+        return out
+    flags = {f"--{n}" for n, p in inspect.signature(command).parameters.items() if p.annotation in (bool, "bool")}
+    result = []
+    for i, arg in enumerate(out):
+        result.append(arg)
+        following = out[i + 1] if i + 1 < len(out) else None
+        if arg in flags and (following is None or following.lower() not in ("true", "false", "yes", "no", "1", "0")):
+            result.append("true")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    argv = _dashes_to_underscores(sys.argv[1:] if argv is None else argv)
+    argv = _normalise_argv(sys.argv[1:] if argv is None else argv)
     try:
         auto_cli(COMMANDS, args=argv, as_positional=True)
     except TextkeepError as e:

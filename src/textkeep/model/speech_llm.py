@@ -30,6 +30,7 @@ CONFIG_FILE = "textkeep_config.json"
 ADAPTOR_FILE = "adaptor.safetensors"
 ENCODER_FRAMES_PER_SECOND = 50  # Whisper: 100 mel frames/s, halved by the second conv's stride
 WHISPER_WINDOW_FRAMES = 1500  # 30 s
+ENCODER_POLICIES = ("pad30", "trim")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class SpeechLLMConfig:
     adaptor_hidden: int = 2048
     # False: keep only the encoder frames that cover the real audio. True: all 1500 (300 embeddings), as LLaMA-Omni.
     keep_padding: bool = False
+    # pad30: the encoder sees Whisper's 30 s window (LLaMA-Omni). trim: only the real audio's mel, with the
+    # positional table sliced to match (Ultravox). See docs/design.md for the measured trade-off.
+    encoder_policy: str = "pad30"
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     user_template: str = DEFAULT_USER_TEMPLATE
     adaptor_trained: bool = False
@@ -50,6 +54,10 @@ class SpeechLLMConfig:
             raise TextkeepError(f"adaptor_k must be ≥ 1, got {self.adaptor_k}")
         if self.adaptor_hidden < 1:
             raise TextkeepError(f"adaptor_hidden must be ≥ 1, got {self.adaptor_hidden}")
+        if self.encoder_policy not in ENCODER_POLICIES:
+            raise TextkeepError(f"encoder_policy must be one of {ENCODER_POLICIES}, got {self.encoder_policy!r}")
+        if self.keep_padding and self.encoder_policy == "trim":
+            raise TextkeepError("keep_padding=True needs encoder_policy='pad30' (trim never computes the padding frames)")
 
 
 @dataclass
@@ -143,13 +151,26 @@ class SpeechLLM(nn.Module):
                 raise TextkeepError("empty audio given to encode_audio; every utterance needs samples")
             if len(a) > 30 * SAMPLE_RATE:
                 raise TextkeepError(f"audio of {len(a) / SAMPLE_RATE:.1f} s given to encode_audio; Whisper takes at most 30 s")
+        # The extractor pads to 30 s; its log-mel values for the real frames do not depend on the padding.
         mel = self.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        hidden = self.encoder(mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
-        out = []
-        for a, h in zip(audios, hidden):
-            n = n_speech_embeddings(len(a), 1, self.config.keep_padding)
-            out.append(h[:n].clone())
-        return out
+        mel = mel.to(self.device, self.dtype)
+        lengths = [n_speech_embeddings(len(a), 1, self.config.keep_padding) for a in audios]
+        if self.config.encoder_policy == "pad30":
+            hidden = self.encoder(mel).last_hidden_state
+            return [h[:n].float().cpu().clone() for h, n in zip(hidden, lengths)]
+        return [self._encode_trimmed(m[None, :, : 2 * n])[0].float().cpu() for m, n in zip(mel, lengths)]
+
+    def _encode_trimmed(self, mel: torch.Tensor) -> torch.Tensor:
+        """Whisper's encoder on a mel shorter than 30 s. transformers' forward insists on 3000 mel frames,
+        so this repeats its few steps with the positional table cut to the input length."""
+        enc = self.encoder
+        x = nn.functional.gelu(enc.conv1(mel))
+        x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        for layer in enc.layers:
+            x = layer(x, None)
+            x = x[0] if isinstance(x, tuple) else x  # transformers 4.x layers return a tuple
+        return enc.layer_norm(x)
 
     # ---- batching ---------------------------------------------------------------------------------------------
     def tokenize(self, samples: Sequence[Sample], padding_side: str = "right") -> TokenBatch:
