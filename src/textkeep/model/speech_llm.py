@@ -297,6 +297,8 @@ class SpeechLLM(nn.Module):
         from safetensors.torch import load_file
 
         ckpt_dir = Path(ckpt_dir)
+        if not (ckpt_dir / CONFIG_FILE).is_file() and (ckpt_dir / "model" / CONFIG_FILE).is_file():
+            ckpt_dir = ckpt_dir / "model"  # a training run: its final model
         meta = _read_checkpoint_config(ckpt_dir)
         config = SpeechLLMConfig(**{f.name: meta["config"][f.name] for f in fields(SpeechLLMConfig) if f.name in meta["config"]})
         kind = meta["llm_weights"]
@@ -324,7 +326,8 @@ class SpeechLLM(nn.Module):
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
+    """A checkpoint directory, or a training run directory whose final model is in model/."""
+    return (Path(path) / CONFIG_FILE).is_file() or (Path(path) / "model" / CONFIG_FILE).is_file()
 
 
 def _read_checkpoint_config(ckpt_dir: Path) -> dict:
