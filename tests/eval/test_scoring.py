@@ -17,7 +17,6 @@ from textkeep.eval.scoring import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
 
 NFC = lambda s: unicodedata.normalize("NFC", s)  # noqa: E731
 NFD = lambda s: unicodedata.normalize("NFD", s)  # noqa: E731
@@ -184,12 +183,10 @@ def test_summarize_one_scorer_and_missing_score():
         summarize(rows)
 
 
-def _real_gold_answers():
+def _real_gold_answers(data_dir):
     answers = []
-    tsv = DATA / "llama_questions" / "llama_questions_300.tsv"
-    wq = DATA / "webquestions" / "test.json"
-    if not (tsv.exists() and wq.exists()):
-        pytest.skip(f"real data not found under {DATA}")
+    tsv = data_dir / "llama_questions" / "llama_questions_300.tsv"
+    wq = data_dir / "webquestions" / "test.json"
     for line in tsv.read_text(encoding="utf-8").splitlines()[1:]:
         answers.append(line.split("\t")[1].strip())
     for q in json.loads(wq.read_text(encoding="utf-8")):
@@ -198,9 +195,9 @@ def _real_gold_answers():
 
 
 @pytest.mark.real
-def test_every_real_gold_answer_scores_itself():
+def test_every_real_gold_answer_scores_itself(data_dir):
     # A response that is the gold answer (in the other normal form, in upper case) must count.
-    answers = _real_gold_answers()
+    answers = _real_gold_answers(data_dir)
     assert len(answers) > 5000
     for a in answers:
         assert has_answer(NFD(a).upper(), [a]), a
