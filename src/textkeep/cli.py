@@ -130,7 +130,78 @@ def eval_qa(
     return metrics
 
 
-COMMANDS = {"models": models, "answer": answer, "eval": eval_qa}
+def speak(
+    data: str,
+    out: Path | None = None,
+    voices: str = "piper:joe,flite:kal,flite:slt,flite:awb,flite:rms",
+    limit: int | None = None,
+    max_query_words: int | None = 50,
+    seed: int = 0,
+    skip_bad: bool = False,
+) -> Path:
+    """Synthesize a spoken version of a dataset offline (several voices), resumable, with a manifest.
+
+    Args:
+        data: a dataset name (web-questions, alpaca, alpaca-gpt4, …) or a JSON/JSONL file of Alpaca or QA records.
+        out: output folder (wav/ and manifest.jsonl); default: the cache's spoken/<data>/, where eval and train look.
+        voices: comma-separated voices: piper:joe, flite:kal, flite:kal16, flite:awb, flite:rms, flite:slt.
+        limit: speak only the first N records (after filtering).
+        max_query_words: leave out queries longer than this (Whisper hears at most 30 s; 50 words ≈ 20 s).
+        seed: which voice speaks which item (by item id, so adding items reshuffles nothing).
+        skip_bad: skip items that cannot be spoken and list them in bad.jsonl, instead of stopping.
+    """
+    from textkeep.data.datasets import filter_records, load_dataset
+    from textkeep.data.speak import speak as speak_records
+    from textkeep.eval.qa import spoken_manifest
+
+    records = load_dataset(data, skip_bad=skip_bad)
+    if max_query_words is not None:
+        records = filter_records(records, max_query_words=max_query_words)
+    out = Path(out) if out is not None else spoken_manifest(data).parent
+    started = time.time()
+    manifest = speak_records(records, out, voices=[v.strip() for v in voices.split(",") if v.strip()], seed=seed, limit=limit, skip_bad=skip_bad)
+    print(f"{manifest}: {sum(1 for _ in open(manifest))} utterances, {time.time() - started:.0f} s")
+    return manifest
+
+
+def features(
+    data: str,
+    spoken: Path | None = None,
+    encoder: str = "whisper-base",
+    encoder_policy: str = "pad30",
+    keep_padding: bool = False,
+    checkpoint: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> None:
+    """Fill the speech feature cache ahead of time (the frozen encoder's output for every audio file of a dataset).
+
+    Args:
+        data: a dataset with audio (llama-questions) or whose spoken version exists (see `textkeep speak`).
+        spoken: the TTS manifest when the dataset has no recorded audio; default: the cache's spoken/<data>/.
+        encoder: the Whisper encoder.
+        encoder_policy: pad30 (Whisper's 30 s window) or trim (real-length input); see docs/design.md.
+        keep_padding: keep all 1500 frames (LLaMA-Omni) instead of those covering the audio.
+        checkpoint: a textkeep checkpoint whose encoder and policy to use instead of the three options above.
+        limit: only the first N records that have audio.
+        batch_size: utterances encoded together.
+    """
+    from textkeep.data.features import FeatureCache
+    from textkeep.eval.qa import load_qa_set
+    from textkeep.model.speech_llm import SpeechLLM
+
+    records = load_qa_set(data, {data: str(spoken)} if spoken else None, need_audio=True, partial=True)[:limit]
+    if checkpoint:
+        speech_llm = SpeechLLM.load(checkpoint)
+    else:  # the LLM plays no part in encoding; the tiny one keeps memory and start-up small
+        speech_llm = SpeechLLM.build("tiny-llama", encoder, encoder_policy=encoder_policy, keep_padding=keep_padding)
+    cache = FeatureCache(speech_llm)
+    started = time.time()
+    cache.frames(records, batch_size=batch_size)
+    print(f"{len(records)} utterances cached in {cache.dir} ({time.time() - started:.0f} s)")
+
+
+COMMANDS = {"models": models, "answer": answer, "eval": eval_qa, "speak": speak, "features": features}
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:

@@ -189,3 +189,28 @@ def test_determinism_flite_yes_piper_no():
     assert np.array_equal(tts.synthesize("Open the door.", "flite:slt"), tts.synthesize("Open the door.", "flite:slt"))
     a, b = (tts.synthesize("Open the door.", "piper:joe") for _ in range(2))
     assert a.shape != b.shape or not np.array_equal(a, b)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("voice", ["piper:joe", "flite:slt"])
+def test_synthesized_speech_is_intelligible_to_whisper(voice):
+    """The converted Whisper base gets the words back from our synthesis (so S2T training hears real words)."""
+    import re
+
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from textkeep.data.tts import synthesize, transcribe_check_sentences
+    from textkeep.model.registry import prepare
+
+    path = prepare("whisper-base")
+    processor = WhisperProcessor.from_pretrained(path)
+    whisper = WhisperForConditionalGeneration.from_pretrained(path).eval()
+    words = lambda s: re.sub(r"[^a-z0-9' ]", " ", s.lower()).split()  # noqa: E731
+    for sentence in transcribe_check_sentences():
+        audio = synthesize(sentence, voice)
+        features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            ids = whisper.generate(features, language="en", task="transcribe")
+        heard = processor.batch_decode(ids, skip_special_tokens=True)[0]
+        assert words(heard) == words(sentence), f"{voice}: {sentence!r} heard as {heard!r}"

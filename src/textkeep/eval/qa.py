@@ -29,8 +29,9 @@ def spoken_manifest(set_name: str) -> Path:
     return cache_dir() / "spoken" / set_name / "manifest.jsonl"
 
 
-def load_qa_set(set_name: str, spoken: dict[str, str] | None = None, need_audio: bool = False):
-    """A QA set's records; for S2T, sets without recorded speech get the audio of their synthesized manifest."""
+def load_qa_set(set_name: str, spoken: dict[str, str] | None = None, need_audio: bool = False, partial: bool = False):
+    """A dataset's records; with need_audio, sets without recorded speech get the audio of their synthesized
+    manifest, and every record must have audio (partial=True: keep only those that do)."""
     from textkeep.data.datasets import attach_audio, load_dataset
 
     records = load_dataset(QA_SETS.get(set_name, set_name))
@@ -43,6 +44,8 @@ def load_qa_set(set_name: str, spoken: dict[str, str] | None = None, need_audio:
             )
         records = attach_audio(records, manifest)
         missing = [r.id for r in records if r.audio is None]
+        if partial:
+            return [r for r in records if r.audio is not None]
         if missing:
             raise TextkeepError(f"{len(missing)} questions of '{set_name}' have no audio in '{manifest}' (first: {missing[0]}); finish it with `textkeep speak`.")
     return records
