@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 DEBIAN_PACKAGES := espeak-ng flite
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test system-deps models clean
+.PHONY: demo test install install-test system-deps browser models clean
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt requirements/weights.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,19 @@ models: $(VENV)/.installed
 
 install: $(VENV)/.installed system-deps models
 
-install-test: $(VENV)/.installed-test system-deps models
+# The report test opens the study's HTML in Debian's chromium; without it that one check is skipped.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the report test"; \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
+	    echo "could not install chromium: the browser check of the report will be skipped"; \
+	  else echo "chromium is not installed (sudo apt-get install chromium): the browser check of the report will be skipped"; fi; }
 
+install-test: $(VENV)/.installed-test system-deps browser models
+
+# Until the quick study profile is timed within 30 min here, the demo is the No-FT text-QA smoke test.
 demo: install
 	$(BIN)/textkeep eval --model smollm2-135m-instruct --sets llama-questions --modes t2t --limit 10 --out runs/demo --show
 

@@ -51,6 +51,13 @@ def test_dashes_and_bare_flags_are_normalised():
     assert cli._normalise_argv(["eval", "--show", "false", "--batch-size=4"]) == ["eval", "--show", "false", "--batch_size=4"]
 
 
+def test_required_arguments_work_as_options_or_positionals():
+    as_options = cli._normalise_argv(["importance", "compute", "--data", "alpaca", "--mode", "abs", "--model", "m"])
+    as_positionals = cli._normalise_argv(["importance", "compute", "m", "alpaca", "--mode", "abs"])
+    assert as_options == as_positionals == ["importance", "compute", "m", "alpaca", "--mode", "abs"]
+    assert cli._normalise_argv(["speak", "web-questions", "--limit", "3"]) == ["speak", "web-questions", "--limit", "3"]
+
+
 def test_user_errors_are_one_line_not_a_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "textkeep.cli", "answer", "--audio", str(tmp_path / "missing.wav"), "--model", "tiny-llama", "--encoder", "tiny-whisper"],

@@ -201,11 +201,74 @@ def features(
     print(f"{len(records)} utterances cached in {cache.dir} ({time.time() - started:.0f} s)")
 
 
-COMMANDS = {"models": models, "answer": answer, "eval": eval_qa, "speak": speak, "features": features}
+def _commands() -> dict:
+    # Workflow modules are imported lazily by their functions; these imports only fetch the function objects.
+    from textkeep.importance.analysis import importance_change, importance_clusters, importance_layers, importance_shift
+    from textkeep.importance.compute import importance_compute
+    from textkeep.importance.deactivation import importance_deactivate
+    from textkeep.study import study
+    from textkeep.train.trainer import merge_lora, train
+
+    return {
+        "models": models,
+        "answer": answer,
+        "speak": speak,
+        "features": features,
+        "importance": {
+            "compute": importance_compute,
+            "layers": importance_layers,
+            "shift": importance_shift,
+            "clusters": importance_clusters,
+            "deactivate": importance_deactivate,
+            "change": importance_change,
+        },
+        "train": train,
+        "merge": merge_lora,
+        "eval": eval_qa,
+        "study": study,
+    }
+
+
+class _Commands(dict):
+    """COMMANDS, filled on first use so that `import textkeep.cli` stays light."""
+
+    def _fill(self):
+        if not dict.__len__(self):
+            self.update(_commands())
+
+    def __getitem__(self, key):
+        self._fill()
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        self._fill()
+        return dict.get(self, key, default)
+
+    def __contains__(self, key):
+        self._fill()
+        return dict.__contains__(self, key)
+
+    def __iter__(self):
+        self._fill()
+        return dict.__iter__(self)
+
+    def __len__(self):
+        self._fill()
+        return dict.__len__(self)
+
+    def items(self):
+        self._fill()
+        return dict.items(self)
+
+
+COMMANDS = _Commands()
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
-    """`--foo-bar` → `--foo_bar`, and a bare boolean flag (`--show`) → `--show true`, as users expect."""
+    """Accept what users type, then hand jsonargparse its own form:
+    `--foo-bar` → `--foo_bar`; a bare boolean flag (`--show`) → `--show true`; and a required argument given as an
+    option (`--model X`) → the positional it is (so `importance compute --model X --data Y` and
+    `importance compute X Y` are the same command)."""
     import inspect
 
     out: list[str] = []
@@ -214,17 +277,45 @@ def _normalise_argv(argv: list[str]) -> list[str]:
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
         out.append(arg)
+    n_cmd = 1
     command = COMMANDS.get(out[0]) if out else None
-    if command is None:
+    if isinstance(command, dict):  # a group: `importance compute …`
+        command = command.get(out[1]) if len(out) > 1 else None
+        n_cmd = 2
+    if command is None or any(a in ("-h", "--help") for a in out):
         return out
-    flags = {f"--{n}" for n, p in inspect.signature(command).parameters.items() if p.annotation in (bool, "bool")}
-    result = []
-    for i, arg in enumerate(out):
-        result.append(arg)
-        following = out[i + 1] if i + 1 < len(out) else None
-        if arg in flags and (following is None or following.lower() not in ("true", "false", "yes", "no", "1", "0")):
-            result.append("true")
-    return result
+    params = inspect.signature(command).parameters
+    flags = {f"--{n}" for n, p in params.items() if p.annotation in (bool, "bool")}
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    given: dict[str, str] = {}
+    positional: list[str] = []
+    options: list[str] = []
+    rest = out[n_cmd:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            positional.append(arg)
+            i += 1
+            continue
+        name, eq, value = arg[2:].partition("=")
+        following = rest[i + 1] if i + 1 < len(rest) else None
+        if arg in flags and not eq and (following is None or following.lower() not in ("true", "false", "yes", "no", "1", "0")):
+            options += [arg, "true"]
+            i += 1
+        elif name == "print_config" or eq:
+            options.append(arg)
+            i += 1
+        elif name in required and following is not None:
+            given[name] = following
+            i += 2
+        else:
+            options += [arg] + ([following] if following is not None else [])
+            i += 2
+    fill = iter(positional)
+    ordered = [given[n] if n in given else next(fill, None) for n in required]
+    ordered = [v for v in ordered if v is not None] + list(fill)
+    return out[:n_cmd] + ordered + options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     argv = _normalise_argv(sys.argv[1:] if argv is None else argv)
     try:
-        auto_cli(COMMANDS, args=argv, as_positional=True)
+        auto_cli(dict(COMMANDS.items()), args=argv, as_positional=True)
     except TextkeepError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

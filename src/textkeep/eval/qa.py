@@ -29,12 +29,12 @@ def spoken_manifest(set_name: str) -> Path:
     return cache_dir() / "spoken" / set_name / "manifest.jsonl"
 
 
-def load_qa_set(set_name: str, spoken: dict[str, str] | None = None, need_audio: bool = False, partial: bool = False):
+def load_qa_set(set_name: str, spoken: dict[str, str] | None = None, need_audio: bool = False, partial: bool = False, limit: int | None = None):
     """A dataset's records; with need_audio, sets without recorded speech get the audio of their synthesized
     manifest, and every record must have audio (partial=True: keep only those that do)."""
     from textkeep.data.datasets import attach_audio, load_dataset
 
-    records = load_dataset(QA_SETS.get(set_name, set_name))
+    records = load_dataset(QA_SETS.get(set_name, set_name))[:limit]
     if need_audio and any(r.audio is None for r in records):
         manifest = Path((spoken or {}).get(set_name) or spoken_manifest(set_name))
         if not manifest.is_file():
@@ -100,7 +100,7 @@ def evaluate(
             for mode in modes:
                 if mode not in MODES:
                     raise TextkeepError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
-                records = load_qa_set(set_name, spoken, need_audio=mode == "s2t")[:limit]
+                records = load_qa_set(set_name, spoken, need_audio=mode == "s2t", limit=limit)
                 todo = [r for r in records if (set_name, mode, r.id) not in done]
                 started = time.time()
                 if todo:

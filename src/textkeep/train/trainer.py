@@ -486,6 +486,7 @@ def train(
     gradient_checkpointing: bool = False,
     seed: int = 0,
     resume: bool = False,
+    encoder_policy: str = "pad30",
 ) -> Path:
     """Stage-1 speech training (LLaMA-Omni): spoken instruction in, text response out; encoder frozen.
 
@@ -518,6 +519,7 @@ def train(
         gradient_checkpointing: recompute LLM activations in the backward pass (less memory, ~30% slower).
         seed: seeds the adaptor's initialisation, LoRA's, the data order and dropout.
         resume: continue the run in `out` from its last checkpoint (same settings required).
+        encoder_policy: pad30 or trim (how the frozen encoder sees the audio; see docs/design.md), when `model` is an LLM.
     """
     args = dict(locals())
     from accelerate import PartialState
@@ -528,7 +530,7 @@ def train(
     if limit is not None and limit < 1:
         raise TextkeepError(f"bad training setting: limit must be ≥ 1 or unset, got {limit}.")
     check_out(Path(out), cfg, run_info)
-    speech_llm = _load_model(model, encoder, strategy, seed)
+    speech_llm = _load_model(model, encoder, strategy, seed, encoder_policy)
     layer_scales(speech_llm, cfg)  # a map that does not fit is refused before the slow part
     records = _training_records(data, spoken, split_file, limit)
     state = PartialState()
@@ -538,11 +540,11 @@ def train(
     return fit(speech_llm, examples, Path(out), cfg, run_info)
 
 
-def _load_model(name: str, encoder: str, strategy: str, seed: int):
+def _load_model(name: str, encoder: str, strategy: str, seed: int, encoder_policy: str = "pad30"):
     from textkeep.model.speech_llm import CONFIG_FILE, SpeechLLM, is_checkpoint
 
     if not is_checkpoint(name):
-        return SpeechLLM.build(name, encoder, seed=seed)
+        return SpeechLLM.build(name, encoder, seed=seed, encoder_policy=encoder_policy)
     ckpt = Path(name) if (Path(name) / CONFIG_FILE).is_file() else Path(name) / "model"
     kind = json.loads((ckpt / CONFIG_FILE).read_text())["llm_weights"]
     if kind == "lora":

@@ -1,0 +1,126 @@
+"""The whole study on tiny random-init models: runs end to end, a rerun skips every stage, a kill -9 in the
+middle of training finishes on rerun with the same results, and the report opens in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("flite") is None, reason="the study's TTS needs Debian's flite (make test installs it)")
+
+
+def _config(tmp: Path) -> Path:
+    text = (ROOT / "configs" / "study" / "tiny.yaml").read_text()
+    text = text.replace("  voices: flite:kal\n", f"  voices: flite:kal\n  spoken_dir: {tmp / 'spoken'}\n")
+    path = tmp / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+def _comparable(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k not in ("stage_seconds", "environment")}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("study")
+    env = {**os.environ, "TEXTKEEP_CACHE_DIR": str(tmp / "cache"), "TEXTKEEP_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    return tmp, _config(tmp), env
+
+
+def _study(config: Path, out: Path, env: dict, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "textkeep.cli", "study", str(config), "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def finished(shared):
+    tmp, config, env = shared
+    started = time.time()
+    proc = _study(config, tmp / "a", env)
+    log, _ = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, log[-3000:]
+    return tmp / "a", time.time() - started
+
+
+def test_study_runs_every_stage_and_writes_the_report(finished):
+    out, seconds = finished
+    print(f"tiny study: {seconds:.0f} s")
+    for stage in ("data", "base-importance", "train", "importance", "analysis", "eval", "report"):
+        assert (out / stage / "stage.json").is_file(), stage
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert set(results["table2"]) == {"no-ft", "full", "layer-lr", "lora"}
+    assert set(map(str, results["table3"])) == {"8", "16"}
+    assert {"speech", "text"} <= set(results["table1"]["Full-FT"])
+    layer_lr = json.loads((out / "train" / "layer-lr" / "layer_lr.json").read_text())
+    assert len(layer_lr) == 4 and min(r["lr_scale"] for r in layer_lr) == pytest.approx(0.6)  # Eq. 3 with λ = 0.4
+    assert results["verdicts"] and all(v["verdict"] in ("reproduced", "not reproduced", "inconclusive") for v in results["verdicts"])
+
+
+def test_rerun_skips_every_stage(shared, finished):
+    tmp, config, env = shared
+    out, _ = finished
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")}
+    proc = _study(config, out, env)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    assert log.count("up to date, skipped") == 7, log[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")} == stamps
+
+
+def test_kill_during_training_then_rerun_gives_the_same_results(shared, finished):
+    tmp, config, env = shared
+    out = tmp / "b"
+    proc = _study(config, out, env, start_new_session=True)
+    deadline = time.time() + 900
+    while not list((out / "train").glob("*/checkpoints/step-*")):  # wait until training has checkpointed
+        assert proc.poll() is None and time.time() < deadline, "the study ended before training checkpointed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "train" / "stage.json").exists()
+    rerun = _study(config, out, env)
+    log, _ = rerun.communicate(timeout=1800)
+    assert rerun.returncode == 0, log[-3000:]
+    assert "data: up to date" in log and "base-importance: up to date" in log
+    first = json.loads((finished[0] / "report" / "results.json").read_text())
+    second = json.loads((out / "report" / "results.json").read_text())
+    assert _comparable(second) == _comparable(first)
+
+
+def test_report_opens_in_a_browser(finished, tmp_path):
+    out, _ = finished
+    page = (out / "report" / "index.html").read_text()
+    for title in ("Table 1", "Table 2", "Table 3", "Fig. 1", "Figs. 2 and 3", "Fig. 4", "Verdicts"):
+        assert title in page, title
+    from PIL import Image
+
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) >= 4
+    for data in images:  # every figure has drawn pixels, not a blank canvas
+        img = Image.open(io.BytesIO(base64.b64decode(data))).convert("L")
+        lo, hi = img.getextrema()
+        assert hi - lo > 50
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    url = (out / "report" / "index.html").as_uri()
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table") >= 5 and dom.count("<img") == len(images)
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    lo, hi = Image.open(shot).convert("L").getextrema()
+    assert hi - lo > 100  # the page rendered text and figures, not a blank screen
