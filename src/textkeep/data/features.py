@@ -17,16 +17,8 @@ import torch
 
 from textkeep.data.records import Record
 from textkeep.errors import TextkeepError
-from textkeep.fileio import atomic_path
+from textkeep.fileio import atomic_path, file_sha256
 from textkeep.settings import cache_dir
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def encoder_fingerprint(model) -> str:

@@ -13,7 +13,6 @@ and the converter version, and is rebuilt when either no longer matches.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from textkeep.errors import TextkeepError
-from textkeep.fileio import atomic_dir, write_json
+from textkeep.fileio import atomic_dir, file_sha256, write_json
 from textkeep.settings import cache_dir
 
 CONVERTER_VERSION = 1
@@ -118,14 +117,6 @@ def _package_dir(module: str, model: PackagedModel) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def packaged_files(model: PackagedModel, verify: bool = True) -> list[Path]:
     """The model's weight files inside their packages, each checked against its pinned sha256."""
     paths = []
@@ -134,7 +125,7 @@ def packaged_files(model: PackagedModel, verify: bool = True) -> list[Path]:
         if not path.is_file():
             raise TextkeepError(f"'{path}' is missing from package '{wf.module}'; reinstall it: {model.pip}")
         if verify:
-            got = _sha256(path)
+            got = file_sha256(path)
             if got != wf.sha256:
                 raise TextkeepError(
                     f"'{path}' has sha256 {got}, expected {wf.sha256}: the package is corrupt or a different version; "
