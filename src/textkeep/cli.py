@@ -6,6 +6,7 @@ YAML configs use the Python argument names.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -201,6 +202,7 @@ def features(
     print(f"{len(records)} utterances cached in {cache.dir} ({time.time() - started:.0f} s)")
 
 
+@functools.cache
 def _commands() -> dict:
     # Workflow modules are imported lazily by their functions; these imports only fetch the function objects.
     from textkeep.importance.analysis import importance_change, importance_clusters, importance_layers, importance_shift
@@ -229,39 +231,11 @@ def _commands() -> dict:
     }
 
 
-class _Commands(dict):
-    """COMMANDS, filled on first use so that `import textkeep.cli` stays light."""
-
-    def _fill(self):
-        if not dict.__len__(self):
-            self.update(_commands())
-
-    def __getitem__(self, key):
-        self._fill()
-        return dict.__getitem__(self, key)
-
-    def get(self, key, default=None):
-        self._fill()
-        return dict.get(self, key, default)
-
-    def __contains__(self, key):
-        self._fill()
-        return dict.__contains__(self, key)
-
-    def __iter__(self):
-        self._fill()
-        return dict.__iter__(self)
-
-    def __len__(self):
-        self._fill()
-        return dict.__len__(self)
-
-    def items(self):
-        self._fill()
-        return dict.items(self)
-
-
-COMMANDS = _Commands()
+def __getattr__(name: str):
+    # `cli.COMMANDS` is built on first use, so that `import textkeep.cli` (and `--help`) stays light.
+    if name == "COMMANDS":
+        return _commands()
+    raise AttributeError(name)
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -278,7 +252,7 @@ def _normalise_argv(argv: list[str]) -> list[str]:
             arg = "--" + name.replace("-", "_") + eq + value
         out.append(arg)
     n_cmd = 1
-    command = COMMANDS.get(out[0]) if out else None
+    command = _commands().get(out[0]) if out else None
     if isinstance(command, dict):  # a group: `importance compute …`
         command = command.get(out[1]) if len(out) > 1 else None
         n_cmd = 2
@@ -328,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     argv = _normalise_argv(sys.argv[1:] if argv is None else argv)
     try:
-        auto_cli(dict(COMMANDS.items()), args=argv, as_positional=True)
+        auto_cli(_commands(), args=argv, as_positional=True)
     except TextkeepError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

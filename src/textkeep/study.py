@@ -266,7 +266,8 @@ class Study:
             if any(r.audio is None for r in records):
                 speak(records, self.spoken_dir(set_name), voices=voices, seed=self.cfg.seed)
         cache = FeatureCache(self.base_model())
-        cache.frames(self.splits().train + self.splits().test)
+        spoken = self.splits()  # the split again, now with the audio just synthesized attached
+        cache.frames(spoken.train + spoken.test)
         for set_name in self.cfg.eval.sets:
             cache.frames(load_qa_set(set_name, self.spoken_sets(), need_audio=True, limit=self.cfg.eval.limit))
 
