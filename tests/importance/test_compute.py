@@ -264,6 +264,31 @@ def _ddp_worker(rank: int, out: str, world: int):
         torch.save(imap.scores, f"{out}/{mode}-{rank}.pt")
 
 
+def _fsdp_worker(rank: int, out: str, world: int):
+    """One of `world` spawned processes: a gloo group, then the tiny model sharded with FSDP2 (decoder layers, then
+    the ImportanceLoss root), as accelerate's FSDP2 plugin shards it on GPUs (accelerate offers FSDP on GPUs only)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from textkeep.importance.compute import ImportanceLoss
+    from textkeep.model.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, store=torch.distributed.FileStore(f"{out}/rdv-fsdp", world))
+    mesh = init_device_mesh("cpu", (world,))
+    model = _tiny_text_model(build_tiny_tokenizer, build_tiny_llama)
+    loss = ImportanceLoss(model)
+    for layer in model.llm.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(loss, mesh=mesh)
+    assert all(type(p).__name__ == "DTensor" for p in model.llm.parameters())
+    # 3 batches of 2 over 2 processes: the second process repeats a zero-weighted batch to keep in step.
+    imap = compute_importance(model, _text(6), mode="paper", batch_size=2, progress=False, sharded_loss=loss)
+    torch.save(imap.scores, f"{out}/fsdp-{rank}.pt")
+    with pytest.raises(TextkeepError, match="mode=paper under FSDP"):
+        compute_importance(model, _text(6), mode="abs", batch_size=2, progress=False, sharded_loss=loss)
+
+
 def _tiny_text_model(build_tiny_tokenizer, build_tiny_llama):
     from textkeep.model.adaptor import SpeechAdaptor
     from textkeep.model.speech_llm import SpeechLLM, SpeechLLMConfig
@@ -289,12 +314,28 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
             _close(torch.load(tmp_path / f"{mode}-{rank}.pt"), want, 1e-5)
 
 
-if __name__ == "__main__":  # the DDP test's launcher: this process is rank 0, a spawned one rank 1
+def test_fsdp2_two_cpu_processes_match_one(tmp_path):
+    """Two gloo processes holding FSDP2 shards give the single-process `paper` map, gathered whole on each."""
+    import subprocess
+    import sys
+
+    from textkeep.model.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "fsdp"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = _tiny_text_model(build_tiny_tokenizer, build_tiny_llama)
+    want = compute_importance(model, _text(6), mode="paper", batch_size=2, progress=False).scores
+    for rank in range(2):
+        _close(torch.load(tmp_path / f"fsdp-{rank}.pt"), want, 1e-5)
+
+
+if __name__ == "__main__":  # the multi-process tests' launcher: this process is rank 0, a spawned one rank 1
     import multiprocessing
     import sys
 
-    other = multiprocessing.get_context("spawn").Process(target=_ddp_worker, args=(1, sys.argv[1], 2))
+    worker = _fsdp_worker if sys.argv[2:] == ["fsdp"] else _ddp_worker
+    other = multiprocessing.get_context("spawn").Process(target=worker, args=(1, sys.argv[1], 2))
     other.start()
-    _ddp_worker(0, sys.argv[1], 2)
+    worker(0, sys.argv[1], 2)
     other.join()
     sys.exit(other.exitcode)

@@ -196,3 +196,34 @@ def test_deactivate_command_writes_json_and_markdown(tiny_model, tmp_path, monke
     assert result["n_examples"] == 4 and set(result["table"]) == {"text"}
     assert result["n_deactivated"] == D.n_deactivated(D.scope_names(tiny_model.llm), 3.0)
     assert "| ckpt | Text |" in (out / "deactivation.md").read_text()
+
+
+def test_deactivate_speech_inputs_use_the_records_with_audio(tiny_model, tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    from textkeep.importance.maps import ImportanceMap
+
+    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_model.save(tmp_path / "ckpt")
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "instruction": q, "response": a}) + "\n" for i, (q, a) in enumerate(QA)))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in (1, 3):  # two of the four questions are spoken
+        sf.write(tmp_path / f"q{i}.wav", (0.1 * rng.standard_normal(8000)).astype("float32"), 16000)
+        rows.append({"id": f"q{i}", "audio": f"q{i}.wav"})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = [Sample(text=q, response=a) for q, a in QA]
+    ImportanceMap(_brute_force_importance(tiny_model, samples), {"layer_prefix": "model.layers", "n_layers": 4}).save(tmp_path / "map")
+    with pytest.raises(TextkeepError, match="--spoken MANIFEST"):
+        D.importance_deactivate(str(tmp_path / "ckpt"), tmp_path / "map", str(data), split="all", out=tmp_path / "none")
+    out = D.importance_deactivate(
+        str(tmp_path / "ckpt"), tmp_path / "map", str(data), split="all", spoken=tmp_path / "manifest.jsonl", out=tmp_path / "deact"
+    )
+    result = json.loads((out / "deactivation.json").read_text())
+    assert result["n_examples"] == 2 and set(result["table"]) == {"text", "speech"}
+    spoken_text = [Sample(text=QA[i][0], response=QA[i][1]) for i in (1, 3)]
+    from textkeep.eval.perplexity import perplexity
+
+    assert result["table"]["text"]["base"] == pytest.approx(perplexity(tiny_model, spoken_text)["ppl"], rel=1e-6)

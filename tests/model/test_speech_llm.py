@@ -140,14 +140,43 @@ def test_loss_sum_equals_full_logits_cross_entropy(tiny_model):
     torch.testing.assert_close(loss, expected, atol=1e-3, rtol=1e-5)
 
 
+def _talkative(m: SpeechLLM) -> SpeechLLM:
+    """At init scale the tiny LLM says one token whatever it hears; larger weights make its answers depend on the input."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.llm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5, generator=g)
+    return m
+
+
 def test_batched_greedy_generation_equals_one_by_one(tiny_model):
-    m = tiny_model
+    m = _talkative(tiny_model)
     samples = [Sample(text=s.text, speech=s.speech) for s in _mixed_samples(m.encoder.config.d_model)]
-    # A random model often emits end-of-turn at once; force some tokens so the comparison means something.
     batched = m.generate_ids(samples, max_new_tokens=6, min_new_tokens=6)
     single = [m.generate_ids([s], max_new_tokens=6, min_new_tokens=6)[0] for s in samples]
     assert batched == single
     assert all(len(ids) == 6 for ids in batched)
+    assert len({tuple(ids) for ids in batched}) == len(samples)  # the answers differ, so the comparison means something
+
+
+def test_rows_that_finish_early_leave_the_batch_and_answers_match_transformers_generate(tiny_model, monkeypatch):
+    m = _talkative(tiny_model)
+    samples = [Sample(text=s.text, speech=s.speech) for s in _mixed_samples(m.encoder.config.d_model)]
+    free = m.generate_ids(samples, max_new_tokens=8, min_new_tokens=8)
+    # A stop token that some rows emit mid-answer and others never: rows end at different steps.
+    stop = next(t for row in free for t in row[1:] if t not in row[:1] and any(t not in other for other in free))
+    monkeypatch.setattr(SpeechLLM, "stop_ids", property(lambda self: [stop]))
+    ours = m.generate_ids(samples, max_new_tokens=8)
+    assert min(len(a) for a in ours) < 8 and max(len(a) for a in ours) == 8  # the batch really shrank mid-way
+    batch = m.tokenize(samples, padding_side="left")
+    with torch.no_grad():
+        reference = m.llm.generate(
+            inputs_embeds=m.embed(batch), attention_mask=batch.attention_mask, max_new_tokens=8, do_sample=False,
+            eos_token_id=[stop], pad_token_id=m.tokenizer.pad_token_id,
+        ).tolist()
+    assert ours == [row[: row.index(stop)] if stop in row else row for row in reference]
+    assert ours == [m.generate_ids([s], max_new_tokens=8)[0] for s in samples]
 
 
 def test_gradient_reaches_adaptor_not_encoder(tiny_model):

@@ -23,13 +23,18 @@ LoRA (peft) models are scored on a merged deep copy (one more copy of the LLM wh
 Distributed (accelerate, one process per device): each process takes every world_size-th batch (batches are
 sorted longest first, so interleaving balances the work), and at the end the gradient sums or accumulators and
 the token/batch counts are summed with `accelerator.reduce`. No optimizer step happens, so no DDP wrapper is
-needed. FSDP-sharded models are not supported yet (see `compute_importance` for why).
+needed. Under FSDP (accelerate's `fsdp_version: 2`) every process holds a shard: the loss runs through the
+sharded `ImportanceLoss` root (so FSDP gathers the embeddings, head and adaptor too), FSDP's reduce-scatter
+sums the processes' batch gradients into each shard (`paper` mode is exactly that sum), each process scores
+its shard, and the full map is gathered at the end. `abs`/`fisher` need each batch's own gradient, which
+FSDP has already summed across processes before any hook sees it, so they are refused there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -45,11 +50,11 @@ SPLITS = ("importance", "train", "test", "all")
 
 
 @contextlib.contextmanager
-def _scoring(model):
+def _scoring(model, merge: bool = True):
     """Swap in the LLM to score (merged if LoRA), with only its parameters requiring grad, no dropout, and
     gradient checkpointing still active (transformers checkpoints only layers in training mode)."""
     original = model.llm
-    llm = copy.deepcopy(original).merge_and_unload() if hasattr(original, "peft_config") else original
+    llm = copy.deepcopy(original).merge_and_unload() if merge and hasattr(original, "peft_config") else original
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     model.llm = llm
@@ -89,16 +94,33 @@ def _fold_hook(buf: torch.Tensor, mode: str, n_tokens: list[int]):
     return hook
 
 
-def compute_importance(model, samples: Sequence, *, mode: str = "paper", batch_size: int = 8, progress: bool = True, accelerator=None) -> ImportanceMap:
+class ImportanceLoss(torch.nn.Module):
+    """The module FSDP shards for an importance pass: forward = (summed response-token loss, token count) of a
+    batch. Running the loss through one root module is what lets FSDP gather the parameters that live outside
+    the decoder layers (embeddings, final norm, head, adaptor) before they are used."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss_sum(batch)
+
+
+def _is_sharded(module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in module.parameters())
+
+
+def compute_importance(
+    model, samples: Sequence, *, mode: str = "paper", batch_size: int = 8, progress: bool = True, accelerator=None, sharded_loss=None
+) -> ImportanceMap:
     """Score every parameter of `model.llm` on `samples` (text or speech `Sample`s with responses).
 
     Batches are length-grouped (deterministic). With an `accelerate.Accelerator` of several processes, each runs
     its share and the results are summed across processes; every process returns the full map. The model must
-    already be on the process's device and not wrapped. DDP is unnecessary. FSDP-sharded models are refused:
-    `SpeechLLM.loss_sum` calls the embeddings, decoder and head one by one, so FSDP2's root unshard hooks never run
-    for the root-level parameters (torch fails with "mixed torch.Tensor and DTensor"), and `abs`/`fisher` need each
-    rank's own batch gradient, which FSDP's reduce-scatter adds to the other ranks' before any hook sees it.
-    A NaN/inf loss raises a TextkeepError naming the batch's sample ids.
+    already be on the process's device. DDP is unnecessary. Under FSDP2 pass `sharded_loss`, the sharded
+    `ImportanceLoss(model)` (`importance_compute` gets it from `accelerator.prepare`); only `paper` mode is
+    possible there (see the module docstring). A NaN/inf loss raises a TextkeepError naming the batch's sample ids.
     """
     from tqdm.auto import tqdm
 
@@ -111,22 +133,45 @@ def compute_importance(model, samples: Sequence, *, mode: str = "paper", batch_s
     if batch_size < 1:
         raise TextkeepError(f"batch_size must be ≥ 1, got {batch_size}")
     batches = [[samples[i] for i in b] for b in length_grouped_batches(samples, batch_size, model.config.adaptor_k)]
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
-    mine = batches[rank::world]
+    sharded = sharded_loss is not None
+    if sharded:
+        import torch.distributed as dist
 
-    with _scoring(model) as llm:
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    mine = batches[rank::world]
+    if sharded:
+        if mode != "paper":
+            raise TextkeepError(
+                f"mode '{mode}' needs each batch's own gradient, and FSDP sums the processes' gradients before any hook sees "
+                "them; use mode=paper under FSDP, or run without sharding (DDP: every process holds a full copy)."
+            )
+        if hasattr(model.llm, "peft_config"):
+            raise TextkeepError("a LoRA model cannot be merged once FSDP has sharded it; merge it first (`textkeep merge`), then score the merged checkpoint.")
+        # Every process must run as many backward passes as the others (each one is a collective): the ones with
+        # fewer batches repeat one with its loss multiplied by zero.
+        mine += [None] * (math.ceil(len(batches) / world) - len(mine))
+    elif _is_sharded(model.llm):
+        raise TextkeepError("the LLM is FSDP-sharded; pass sharded_loss=ImportanceLoss(model) as FSDP wrapped it (see compute_importance).")
+
+    with _scoring(model, merge=not sharded) as llm:
         params = dict(llm.named_parameters())  # tied weights appear once
-        if any(type(p).__name__ == "DTensor" or "_fsdp_wrapped_module" in k for k, p in params.items()):
-            raise TextkeepError("compute_importance got an FSDP-sharded LLM; pass the unwrapped model (each process holds a full copy; see the docstring).")
+        if any("_fsdp_wrapped_module" in k for k in params):
+            raise TextkeepError("FSDP1 flattens the parameters, so a map could not keep their names; use FSDP2 (fsdp_version: 2 in the accelerate config).")
         layer_prefix, n_layers = decoder_layers(llm)
         n_b = [1]
-        acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items() if mode != "paper" or p.dtype != torch.float32}
+        acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items() if not sharded and (mode != "paper" or p.dtype != torch.float32)}
         hooks = [params[k].register_post_accumulate_grad_hook(_fold_hook(buf, mode, n_b)) for k, buf in acc.items()]
         n_tok = n_batches = n_ex = 0
         try:
-            bar = tqdm(total=sum(map(len, mine)), unit="ex", desc=f"importance ({mode})", disable=not progress or rank != 0)
+            bar = tqdm(total=sum(len(b) for b in mine if b), unit="ex", desc=f"importance ({mode})", disable=not progress or rank != 0)
             for i, batch in enumerate(mine):
-                loss, n = model.loss_sum(model.tokenize(batch))
+                if batch is None:  # FSDP: a stand-in pass that keeps the collectives in step and adds nothing
+                    loss, _ = sharded_loss(model.tokenize(mine[0] or batches[0]))
+                    (loss * 0).backward()
+                    continue
+                loss, n = sharded_loss(model.tokenize(batch)) if sharded else model.loss_sum(model.tokenize(batch))
                 if not torch.isfinite(loss):
                     ids = ", ".join(s.id or "?" for s in batch)
                     raise TextkeepError(
@@ -135,7 +180,8 @@ def compute_importance(model, samples: Sequence, *, mode: str = "paper", batch_s
                     )
                 if n > 0:  # a batch without response tokens has no L_b; it only counts as seen
                     n_b[0] = n
-                    loss.backward()
+                    # FSDP's reduce-scatter averages over processes; scaled by their number, it sums.
+                    (loss * world if sharded else loss).backward()
                     n_tok, n_batches = n_tok + n, n_batches + 1
                 n_ex += len(batch)
                 bar.update(len(batch))
@@ -146,7 +192,9 @@ def compute_importance(model, samples: Sequence, *, mode: str = "paper", batch_s
 
         device = next(iter(params.values())).device
         counts = torch.tensor([n_tok, n_batches, n_ex], dtype=torch.int64, device=device)
-        if world > 1:
+        if sharded:
+            dist.all_reduce(counts)
+        elif world > 1:
             counts = accelerator.reduce(counts, reduction="sum")
         n_tok, n_batches, n_ex = counts.tolist()
         if n_tok == 0:
@@ -157,6 +205,9 @@ def compute_importance(model, samples: Sequence, *, mode: str = "paper", batch_s
             if total is None:  # paper mode, fp32: the summed .grad becomes the score in place
                 total = p.grad if p.grad is not None else torch.zeros_like(p)
                 p.grad = None
+            if sharded:  # this process's shard of Σ_b ∇S_b, scored here, then the whole tensor gathered
+                scores[k] = (total / n_tok * p.detach()).abs().full_tensor().float().cpu()
+                continue
             if world > 1:
                 total = accelerator.reduce(total, reduction="sum")
             total = total.div_(n_tok if mode == "paper" else n_batches).mul_(p.detach())
@@ -209,7 +260,7 @@ def importance_compute(
     """
     import warnings
 
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
 
     from textkeep.data.datasets import load_dataset
     from textkeep.data.samples import MODALITIES, make_samples
@@ -241,8 +292,11 @@ def importance_compute(
     records = records[:limit]
     samples = make_samples(speech_llm, records, modality, progress=accelerator.is_main_process)
 
+    sharded_loss = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        sharded_loss = accelerator.prepare(ImportanceLoss(speech_llm))
     started = time.perf_counter()
-    imap = compute_importance(speech_llm, samples, mode=mode, batch_size=batch_size, accelerator=accelerator)
+    imap = compute_importance(speech_llm, samples, mode=mode, batch_size=batch_size, accelerator=accelerator, sharded_loss=sharded_loss)
     seconds = time.perf_counter() - started
     imap.meta |= {"model": str(model), "dataset": data, "split": split if not split_file else f"{split} ({split_file})", "seed": seed, "modality": modality}
     if accelerator.is_main_process:

@@ -177,6 +177,7 @@ def importance_deactivate(
     out: Path = Path("runs/analysis/deactivation"),
     encoder: str = "whisper-base",
     seed: int = 0,
+    spoken: Path | None = None,
 ) -> Path:
     """Validate an importance map (paper Table 1): perplexity of reference responses after zeroing the top, the
     bottom and a random `percent`% of the LLM's parameters, with text and with speech inputs.
@@ -193,8 +194,11 @@ def importance_deactivate(
         out: folder for deactivation.json and deactivation.md.
         encoder: the Whisper encoder when `model` is an LLM (unused then, as only text is measured).
         seed: seed of the splits and of the random selection.
+        spoken: a TTS manifest (`textkeep speak`) giving the records their audio, for speech inputs when the data set
+            has no recorded audio. With speech inputs only records that have audio are used, for text inputs too, so
+            both rows of the table score the same examples.
     """
-    from textkeep.data.datasets import load_dataset
+    from textkeep.data.datasets import attach_audio, load_dataset
     from textkeep.data.samples import make_samples
     from textkeep.data.splits import make_splits
     from textkeep.fileio import write_json, write_text
@@ -220,6 +224,16 @@ def importance_deactivate(
     records = load_dataset(data)
     if split != "all":
         records = getattr(make_splits(records, seed=seed), split)
+    if spoken is not None:
+        records = attach_audio(records, Path(spoken))
+    if "speech" in wanted:
+        heard = [r for r in records if r.audio is not None]
+        if not heard:
+            raise TextkeepError(
+                f"speech inputs need audio, and none of the {len(records)} '{split}' records of '{data}' has any; pass "
+                "--spoken MANIFEST (from `textkeep speak`), or --inputs text."
+            )
+        records = heard
     records = records[:limit] if limit else records
     samples = {i: make_samples(speech_llm, records, i) for i in wanted}
     table = deactivation_table(speech_llm, map, samples, percent=percent, scope=scope, seed=seed)
@@ -233,6 +247,7 @@ def importance_deactivate(
             "model": model,
             "map": str(map),
             "data": data,
+            "spoken": str(spoken) if spoken is not None else None,
             "inputs": wanted,
             "split": split,
             "n_examples": len(records),

@@ -246,24 +246,48 @@ class SpeechLLM(nn.Module):
 
     # ---- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_ids(self, samples: Sequence[Sample], max_new_tokens: int = 64, **generate_kwargs) -> list[list[int]]:
-        """Greedy (by default) continuations for a batch, as token ids cut at end-of-turn: left padding, inputs_embeds, the KV cache."""
+    def generate_ids(self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0) -> list[list[int]]:
+        """Greedy continuations for a batch, as token ids cut before end-of-turn: left padding, the KV cache.
+
+        A row that has finished leaves the batch (its rows of the KV cache are dropped), so a batch costs the sum of
+        its answers' lengths, not its longest answer times its size: on a CPU, where a decode step's cost grows with
+        the rows in it, that is most of the gain of batching. Written here because transformers' generate() keeps
+        finished rows to the end, and its continuous batching takes token ids, not the inputs_embeds a spoken
+        prompt needs. min_new_tokens forbids stopping before that many tokens (as generate()'s option).
+        """
         samples = [Sample(text=s.text, speech=s.speech, id=s.id) for s in samples]  # responses are not part of the prompt
         batch = self.tokenize(samples, padding_side="left").to(self.device)
-        eos = self.stop_ids
-        generate_kwargs.setdefault("do_sample", False)
-        out = self.llm.generate(
-            inputs_embeds=self.embed(batch),
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **generate_kwargs,
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        answers: list[list[int]] = [[] for _ in samples]
+        rows = torch.arange(len(samples), device=self.device)  # the sample each row of the running batch answers
+        mask = batch.attention_mask
+        out = self.llm(
+            inputs_embeds=self.embed(batch), attention_mask=mask, position_ids=self.position_ids(mask), use_cache=True, logits_to_keep=1
         )
-        return [row[: next((i for i, t in enumerate(row) if t in eos), len(row))] for row in out.tolist()]
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1]
+            if step < min_new_tokens:
+                logits = logits.index_fill(-1, stop, float("-inf"))
+            token = logits.argmax(-1)
+            finished = torch.isin(token, stop)
+            for row, t, done in zip(rows.tolist(), token.tolist(), finished.tolist()):
+                if not done:
+                    answers[row].append(t)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            cache = out.past_key_values
+            if bool(finished.any()):
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, mask, token = rows[keep], mask[keep], token[keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            out = self.llm(
+                input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True
+            )
+        return answers
 
-    def generate(self, samples: Sequence[Sample], max_new_tokens: int = 64, **generate_kwargs) -> list[str]:
-        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.generate_ids(samples, max_new_tokens, **generate_kwargs)]
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.generate_ids(samples, max_new_tokens, min_new_tokens)]
 
     @property
     def stop_ids(self) -> list[int]:
