@@ -202,6 +202,24 @@ def test_command_writes_the_same_map_twice(tmp_path):
     assert all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
 
 
+def test_command_scores_speech_of_the_records_a_manifest_gives_audio(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "instruction": q, "response": a}) + "\n" for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))))
+    rng = np.random.default_rng(0)
+    for i in (0, 2, 3):
+        sf.write(tmp_path / f"r{i}.wav", (0.1 * rng.standard_normal(12000)).astype("float32"), 16000)
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "audio": f"r{i}.wav"}) + "\n" for i in (0, 2, 3)))
+    args = dict(model="tiny-llama", data=str(data), modality="speech", split="all", batch_size=2, encoder="tiny-whisper")
+    with pytest.raises(TextkeepError, match="--spoken MANIFEST"):
+        importance_compute(**args, out=tmp_path / "none")
+    got = load_map(importance_compute(**args, spoken=tmp_path / "manifest.jsonl", out=tmp_path / "speech"))
+    assert got.meta["n_examples"] == 3 and got.meta["modality"] == "speech"
+
+
 def test_bf16_accumulates_in_fp32(tiny_model):
     samples = _text()
     ref = compute_importance(tiny_model, samples, mode="paper", batch_size=2, progress=False)

@@ -147,6 +147,24 @@ def attach_audio(records: list[Record], manifest_path: Path) -> list[Record]:
     return out
 
 
+def spoken_records(records: list[Record], spoken: Path | None, need_audio: bool, what: str) -> list[Record]:
+    """Records with the audio of a TTS manifest (`spoken`, when given); with need_audio only those that have audio,
+    refused with the fix when none has. `what` names the records in the message."""
+    if spoken is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # records the manifest leaves out are dropped below, or unused
+            records = attach_audio(records, Path(spoken))
+    if not need_audio:
+        return records
+    heard = [r for r in records if r.audio is not None]
+    if not heard:
+        raise TextkeepError(
+            f"speech inputs need audio, and none of the {len(records)} {what} has any; pass --spoken MANIFEST "
+            "(from `textkeep speak`), or use text inputs."
+        )
+    return heard
+
+
 def filter_records(
     records: list[Record],
     *,

@@ -242,6 +242,7 @@ def importance_compute(
     batch_size: int = 8,
     seed: int = 0,
     encoder: str = "whisper-base",
+    spoken: Path | None = None,
 ) -> Path:
     """Compute a parameter-importance map (paper Eq. 2) of an LLM on a data set and write it to `out`.
 
@@ -257,12 +258,14 @@ def importance_compute(
         batch_size: examples per forward/backward pass.
         seed: the seed of the train/test/importance split.
         encoder: the Whisper encoder to use when `model` is an LLM and modality is `speech`.
+        spoken: a TTS manifest (`textkeep speak`) giving the records their audio when the data set has none; with
+            modality `speech` only the split's records that have audio are scored.
     """
     import warnings
 
     from accelerate import Accelerator, DistributedType
 
-    from textkeep.data.datasets import load_dataset
+    from textkeep.data.datasets import load_dataset, spoken_records
     from textkeep.data.samples import MODALITIES, make_samples
     from textkeep.data.splits import apply_split_ids, make_splits
     from textkeep.model.speech_llm import SpeechLLM, is_checkpoint
@@ -289,7 +292,7 @@ def importance_compute(
     if split != "all":
         splits = apply_split_ids(records, split_file) if split_file else make_splits(records, seed=seed)
         records = getattr(splits, split)
-    records = records[:limit]
+    records = spoken_records(records, spoken, modality == "speech", f"'{split}' records of '{data}'")[:limit]
     samples = make_samples(speech_llm, records, modality, progress=accelerator.is_main_process)
 
     sharded_loss = None

@@ -198,7 +198,7 @@ def importance_deactivate(
             has no recorded audio. With speech inputs only records that have audio are used, for text inputs too, so
             both rows of the table score the same examples.
     """
-    from textkeep.data.datasets import attach_audio, load_dataset
+    from textkeep.data.datasets import load_dataset, spoken_records
     from textkeep.data.samples import make_samples
     from textkeep.data.splits import make_splits
     from textkeep.fileio import write_json, write_text
@@ -224,16 +224,7 @@ def importance_deactivate(
     records = load_dataset(data)
     if split != "all":
         records = getattr(make_splits(records, seed=seed), split)
-    if spoken is not None:
-        records = attach_audio(records, Path(spoken))
-    if "speech" in wanted:
-        heard = [r for r in records if r.audio is not None]
-        if not heard:
-            raise TextkeepError(
-                f"speech inputs need audio, and none of the {len(records)} '{split}' records of '{data}' has any; pass "
-                "--spoken MANIFEST (from `textkeep speak`), or --inputs text."
-            )
-        records = heard
+    records = spoken_records(records, spoken, "speech" in wanted, f"'{split}' records of '{data}'")
     records = records[:limit] if limit else records
     samples = {i: make_samples(speech_llm, records, i) for i in wanted}
     table = deactivation_table(speech_llm, map, samples, percent=percent, scope=scope, seed=seed)
