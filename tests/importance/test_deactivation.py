@@ -227,3 +227,10 @@ def test_deactivate_speech_inputs_use_the_records_with_audio(tiny_model, tmp_pat
     from textkeep.eval.perplexity import perplexity
 
     assert result["table"]["text"]["base"] == pytest.approx(perplexity(tiny_model, spoken_text)["ppl"], rel=1e-6)
+
+
+def test_scope_without_norms_keeps_to_the_weight_matrices(tiny_model):
+    every = D.scope_names(tiny_model.llm)
+    matrices = D.scope_names(tiny_model.llm, include_norms=False)
+    assert set(every) - set(matrices) == {n for n in every if "norm" in n} != set()
+    assert all(len(shape) == 2 for shape in matrices.values())

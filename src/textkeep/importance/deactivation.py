@@ -5,7 +5,8 @@ Scope. `tensor` (default, as Zhang et al. 2024, the paper's ref [21]): every ten
 its own p% (rounded half up). `global`: one threshold over all of them, found exactly by the radix select of
 `analysis.select_top` (two streaming 65536-bin histogram passes over the float32 bit patterns, then exact
 selection; no sort, no copy of all scores). `include_embeddings` adds the token embeddings and an untied LM head
-(a tied head is the embedding matrix itself). The final norm and the speech front-end are never touched.
+(a tied head is the embedding matrix itself); `include_norms=False` leaves out the decoder layers' norm weights.
+The final norm and the speech front-end are never touched.
 
 Random selection is seeded: every tensor draws uniform scores from a generator seeded by (seed, tensor name), and
 the same top-p% machinery picks from those, so a global random pick needs no list of all parameters either.
@@ -52,14 +53,16 @@ class RandomScores(Mapping):
         return len(self.shapes)
 
 
-def scope_names(llm, include_embeddings: bool = False) -> dict[str, tuple[int, ...]]:
+def scope_names(llm, include_embeddings: bool = False, include_norms: bool = True) -> dict[str, tuple[int, ...]]:
     """Name → shape of the parameters that deactivation may touch."""
     if hasattr(llm, "peft_config"):
         raise TextkeepError("deactivation needs the bare LLM: merge the LoRA adapter first (`model.llm = model.llm.merge_and_unload()`).")
     prefix, _ = decoder_layers(llm)
     extra = ("embeddings", "head") if include_embeddings else ()
     return {
-        n: tuple(p.shape) for n, p in llm.named_parameters() if n.startswith(prefix + ".") or module_type(n) in extra
+        n: tuple(p.shape)
+        for n, p in llm.named_parameters()
+        if (n.startswith(prefix + ".") and (include_norms or module_type(n) != "norms")) or module_type(n) in extra
     }
 
 
@@ -116,6 +119,7 @@ def deactivation_table(
     include_embeddings: bool = False,
     seed: int = 0,
     batch_size: int = 8,
+    include_norms: bool = True,
 ) -> dict:
     """Perplexity per input kind with nothing removed and with the top, bottom and a random `percent`% removed.
 
@@ -127,7 +131,7 @@ def deactivation_table(
     if isinstance(importance_map, (str, Path)):
         importance_map = open_map(importance_map)
     scores = getattr(importance_map, "scores", importance_map)
-    shapes = scope_names(model.llm, include_embeddings)
+    shapes = scope_names(model.llm, include_embeddings, include_norms)
     table = {name: {"base": perplexity(model, samples, batch_size)["ppl"]} for name, samples in samples_by_input.items()}
     for condition in CONDITIONS:
         indices = choose(scores, shapes, condition, percent, scope, seed)
@@ -178,6 +182,7 @@ def importance_deactivate(
     encoder: str = "whisper-base",
     seed: int = 0,
     spoken: Path | None = None,
+    include_norms: bool = True,
 ) -> Path:
     """Validate an importance map (paper Table 1): perplexity of reference responses after zeroing the top, the
     bottom and a random `percent`% of the LLM's parameters, with text and with speech inputs.
@@ -197,6 +202,9 @@ def importance_deactivate(
         spoken: a TTS manifest (`textkeep speak`) giving the records their audio, for speech inputs when the data set
             has no recorded audio. With speech inputs only records that have audio are used, for text inputs too, so
             both rows of the table score the same examples.
+        include_norms: also zero entries of the decoder layers' norm weights (the default: every tensor in the layers).
+            A norm weight's entry scales one channel for every token, so zeroing even its least important entries
+            removes whole channels; --include-norms false keeps to the weight matrices.
     """
     from textkeep.data.datasets import load_dataset, spoken_records
     from textkeep.data.samples import make_samples
@@ -227,8 +235,8 @@ def importance_deactivate(
     records = spoken_records(records, spoken, "speech" in wanted, f"'{split}' records of '{data}'")
     records = records[:limit] if limit else records
     samples = {i: make_samples(speech_llm, records, i) for i in wanted}
-    table = deactivation_table(speech_llm, map, samples, percent=percent, scope=scope, seed=seed)
-    shapes = scope_names(speech_llm.llm)
+    table = deactivation_table(speech_llm, map, samples, percent=percent, scope=scope, seed=seed, include_norms=include_norms)
+    shapes = scope_names(speech_llm.llm, include_norms=include_norms)
     out = Path(out)
     md = deactivation_markdown({Path(model).name if is_checkpoint(model) else model: table}, percent)
     write_json(
@@ -244,6 +252,7 @@ def importance_deactivate(
             "n_examples": len(records),
             "percent": percent,
             "scope": scope,
+            "include_norms": include_norms,
             "seed": seed,
             "n_scope_parameters": sum(math.prod(s) for s in shapes.values()),
             "n_deactivated": n_deactivated(shapes, percent, scope),
