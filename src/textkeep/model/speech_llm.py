@@ -173,8 +173,9 @@ class SpeechLLM(nn.Module):
         return enc.layer_norm(x)
 
     # ---- batching ---------------------------------------------------------------------------------------------
-    def tokenize(self, samples: Sequence[Sample], padding_side: str = "right") -> TokenBatch:
-        """Token ids, labels and speech slots for a batch; `right` padding for training, `left` for generation."""
+    def tokenize(self, samples: Sequence[Sample], padding_side: str = "right", skip: int = 0) -> TokenBatch:
+        """Token ids, labels and speech slots for a batch; `right` padding for training, `left` for generation.
+        `skip` leaves out the first tokens of every row (a prompt head that `shared_head` found common to all)."""
         k = self.config.adaptor_k
         rows = []
         for s in samples:
@@ -185,7 +186,7 @@ class SpeechLLM(nn.Module):
             ids = enc.before + [self.tokenizer.pad_token_id] * n_slots + enc.after + enc.response
             is_speech = [False] * len(enc.before) + [True] * n_slots + [False] * (len(enc.after) + len(enc.response))
             labels = [IGNORE_INDEX] * (len(ids) - len(enc.response)) + enc.response
-            rows.append((ids, is_speech, labels))
+            rows.append((ids[skip:], is_speech[skip:], labels[skip:]))
         T = max(len(r[0]) for r in rows)
         B = len(rows)
         input_ids = torch.full((B, T), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -256,13 +257,22 @@ class SpeechLLM(nn.Module):
         prompt needs. min_new_tokens forbids stopping before that many tokens (as generate()'s option).
         """
         samples = [Sample(text=s.text, speech=s.speech, id=s.id) for s in samples]  # responses are not part of the prompt
-        batch = self.tokenize(samples, padding_side="left").to(self.device)
+        # Every prompt opens with the template's head (system prompt, user header): its keys and values are computed
+        # once and shared by all rows, and padding goes after it. A prompt splits at the same place alone as in a
+        # batch of its own modality (evaluation batches hold one), so a question gets the same answer either way.
+        head = self.shared_head(samples)
+        batch = self.tokenize(samples, padding_side="left", skip=len(head)).to(self.device)
         stop = torch.tensor(self.stop_ids, device=self.device)
         answers: list[list[int]] = [[] for _ in samples]
         rows = torch.arange(len(samples), device=self.device)  # the sample each row of the running batch answers
-        mask = batch.attention_mask
+        mask, cache = batch.attention_mask, None
+        if head:
+            cache = self.llm(input_ids=torch.tensor([head], device=self.device), use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(samples))
+            mask = torch.cat([mask.new_ones(len(samples), len(head)), mask], dim=1)
         out = self.llm(
-            inputs_embeds=self.embed(batch), attention_mask=mask, position_ids=self.position_ids(mask), use_cache=True, logits_to_keep=1
+            inputs_embeds=self.embed(batch), attention_mask=mask, position_ids=self.position_ids(mask)[:, len(head) :],
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
         )
         for step in range(max_new_tokens):
             logits = out.logits[:, -1]
@@ -288,6 +298,17 @@ class SpeechLLM(nn.Module):
 
     def generate(self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0) -> list[str]:
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.generate_ids(samples, max_new_tokens, min_new_tokens)]
+
+    def shared_head(self, samples: Sequence[Sample]) -> list[int]:
+        """The longest start of the template's head (the prompt before the user's words) that every sample's prompt
+        begins with, keeping at least one token of each prompt after it."""
+        head = self.prompt.encode(None).before
+        n = len(head)
+        for s in samples:
+            before = self.prompt.encode(s.text if s.speech is None else None).before
+            same = next((i for i, (a, b) in enumerate(zip(before, head)) if a != b), min(len(before), len(head)))
+            n = min(n, same, len(before) - (s.speech is None))
+        return head[:n]
 
     @property
     def stop_ids(self) -> list[int]:
