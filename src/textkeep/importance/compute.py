@@ -171,7 +171,7 @@ def compute_importance(
                     loss, _ = sharded_loss(model.tokenize(mine[0] or batches[0]))
                     (loss * 0).backward()
                     continue
-                loss, n = sharded_loss(model.tokenize(batch)) if sharded else model.loss_sum(model.tokenize(batch))
+                loss, n = (sharded_loss if sharded else model.loss_sum)(model.tokenize(batch))
                 if not torch.isfinite(loss):
                     ids = ", ".join(s.id or "?" for s in batch)
                     raise TextkeepError(
@@ -183,6 +183,8 @@ def compute_importance(
                     # FSDP's reduce-scatter averages over processes; scaled by their number, it sums.
                     (loss * world if sharded else loss).backward()
                     n_tok, n_batches = n_tok + n, n_batches + 1
+                elif sharded:  # the other processes' backward waits for this one's collectives
+                    (loss * 0).backward()
                 n_ex += len(batch)
                 bar.update(len(batch))
             bar.close()
