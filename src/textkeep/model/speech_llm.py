@@ -302,12 +302,13 @@ class SpeechLLM(nn.Module):
     def shared_head(self, samples: Sequence[Sample]) -> list[int]:
         """The longest start of the template's head (the prompt before the user's words) that every sample's prompt
         begins with, keeping at least one token of each prompt after it."""
-        head = self.prompt.encode(None).before
+        head = self.prompt.encode(None).before  # a speech prompt's whole head: nothing to compare for those
         n = len(head)
         for s in samples:
-            before = self.prompt.encode(s.text if s.speech is None else None).before
-            same = next((i for i, (a, b) in enumerate(zip(before, head)) if a != b), min(len(before), len(head)))
-            n = min(n, same, len(before) - (s.speech is None))
+            if s.speech is None:
+                before = self.prompt.encode(s.text).before
+                same = next((i for i, (a, b) in enumerate(zip(before, head)) if a != b), min(len(before), len(head)))
+                n = min(n, same, len(before) - 1)
         return head[:n]
 
     @property
