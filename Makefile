@@ -52,9 +52,10 @@ browser:
 
 install-test: $(VENV)/.installed-test system-deps browser models
 
-# Until the quick study profile is timed within 30 min here, the demo is the No-FT text-QA smoke test.
+# The whole study on the quick profile (every stage, real SmolLM2 + Whisper base): report in runs/quick/report/.
+# A rerun skips finished stages; after an interruption it resumes.
 demo: install
-	$(BIN)/textkeep eval --model smollm2-135m-instruct --sets llama-questions --modes t2t --limit 10 --out runs/demo --show
+	$(BIN)/textkeep study configs/study/quick.yaml --out runs/quick
 
 test: install-test
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \

@@ -3,7 +3,7 @@
     python benchmarks/bench_importance.py                      # CPU: SmolLM2-135M's shape cut to 2 layers, fp32
     python benchmarks/bench_importance.py --layers 0           # ... all 30 layers (slow on 2 cores)
     python benchmarks/bench_importance.py --pretrained         # the real smollm2-135m-instruct weights
-    python benchmarks/bench_importance.py --device cuda --shape llama-3.2-1b   # random-init bf16 (or llama-3.1-8b)
+    python benchmarks/bench_importance.py --device cuda --shape llama-3.2-1b --marginal   # random-init bf16 (or llama-3.1-8b)
 
 Targets: time(importance) / time(plain) ≤ 1.05; peak memory of `paper` ≤ plain, of `abs`/`fisher` ≤ plain + one
 fp32 copy of the parameters. With bf16 weights `paper` also keeps an fp32 accumulator, so its bound is that of abs.
@@ -167,6 +167,7 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--marginal", action="store_true", help="also time every pass on half the examples: per-batch vs fixed cost")
     args = p.parse_args()
     on_gpu = args.device.startswith("cuda")
     args.layers = args.layers if args.layers is not None else (None if on_gpu else 2)
@@ -191,6 +192,10 @@ def main():
             w, c, _ = run(k, model, samples, args)
             wall[k].append(w)
             cpu[k].append(c)
+    # A map's fixed cost (allocating the accumulators, scoring, copying every score to the host) does not grow with
+    # the data; the per-batch cost does. Their split: the same passes on the first half of the examples.
+    half = samples[: len(samples) // 2]
+    wall_half = {k: min(run(k, model, half, args)[0] for _ in range(args.repeats)) for k in kinds} if args.marginal else {}
     peaks = {"glibc": {}, "tensors": {}}
     for setting, table in peaks.items():
         if setting == "tensors" and not on_gpu:
@@ -215,6 +220,13 @@ def main():
             f"{k:7} {min(wall[k]):7.2f} {min(wall[k]) / min(wall['plain']):7.3f} {min(cpu[k]):7.2f} {min(cpu[k]) / min(cpu['plain']):7.3f} "
             f"{mib(m):9.1f} {mib(m - plain_m):7.1f} {mib(peaks['glibc'][k]) if not on_gpu else float('nan'):10.1f}  {verdict}"
         )
+    if wall_half:
+        d_plain = min(wall["plain"]) - wall_half["plain"]
+        print(f"\nper-batch (marginal) cost, from {len(samples)} vs {len(half)} examples: wall ÷ plain's, and the fixed cost per map")
+        for k in kinds[1:]:
+            d = min(wall[k]) - wall_half[k]
+            fixed = min(wall[k]) - d * 2 - (min(wall["plain"]) - d_plain * 2)
+            print(f"{k:7} marginal ÷plain {d / d_plain:6.3f}   fixed cost beyond plain's {fixed:6.2f} s")
     print(f"\nwall s of every run: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)}" for k, v in wall.items()))
     print(f"cpu s of every run: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)}" for k, v in cpu.items()))
 

@@ -124,3 +124,42 @@ def test_report_opens_in_a_browser(finished, tmp_path):
     subprocess.run([chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     lo, hi = Image.open(shot).convert("L").getextrema()
     assert hi - lo > 100  # the page rendered text and figures, not a blank screen
+
+
+def test_changed_config_redoes_a_stage_instead_of_resuming_it_and_force_redoes_eval(shared, finished):
+    tmp, config, env = shared
+    out = tmp / "c"
+    shutil.copytree(finished[0], out)
+    changed = tmp / "tiny-lr.yaml"
+    changed.write_text(config.read_text().replace("  lr: 1.0e-3\n", "  lr: 5.0e-4\n"))
+    assert changed.read_text() != config.read_text()
+    proc = _study(changed, out, env)
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log[-3000:]
+    assert "data: up to date" in log and "train: done" in log  # only the stages downstream of train.lr ran again
+    for run in ("full", "layer-lr", "lora"):  # retrained under the new config, not resumed from the old checkpoints
+        assert json.loads((out / "train" / run / "train_config.json").read_text())["args"]["lr"] == 5.0e-4
+    predictions = out / "eval" / "full" / "predictions.jsonl"
+    before = predictions.stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, "-m", "textkeep.cli", "study", str(changed), "--out", str(out), "--only", "eval", "--force", "eval"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "eval: done" in proc.stdout and predictions.stat().st_mtime_ns > before
+
+
+def test_response_cap_keeps_only_short_responses(data_dir, monkeypatch, tmp_path):
+    from transformers import AutoTokenizer
+
+    from textkeep.model.registry import resolve
+    from textkeep.study import Study, StudyConfig
+
+    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = StudyConfig(llm="tiny-llama")
+    cfg.data.train, cfg.data.n_examples = "alpaca-gpt4", 50
+    uncapped = Study(cfg, tmp_path).pool()
+    cfg.data.max_response_tokens = 40
+    capped = Study(cfg, tmp_path).pool()
+    tok = AutoTokenizer.from_pretrained(resolve("tiny-llama"))
+    lengths = [len(tok.encode(r.response, add_special_tokens=False)) for r in capped]
+    assert len(capped) == 50 and max(lengths) <= 40
+    assert max(len(tok.encode(r.response, add_special_tokens=False)) for r in uncapped) > 40  # the cap removed something

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class DataConfig:
     test_size: int = 100  # the paper: 500 held-out examples
     importance_fraction: float = 1 / 30  # the paper: importance on 1/30 of the training data
     max_query_words: int = 50
+    max_response_tokens: int | None = None  # drop longer responses (LLM tokens); caps training memory on small machines
     voices: str = "piper:joe,flite:kal,flite:slt,flite:awb,flite:rms"
     spoken_dir: str | None = None  # where spoken sets go; default: the cache's spoken/<set>/
 
@@ -57,6 +59,9 @@ class ImportanceConfig:
     mode: str = "paper"
     batch_size: int = 8
     limit: int | None = None  # cap on importance examples (the split's size otherwise)
+    # Two more base maps, each on one half of the importance split: how far apart maps of the same model drift by
+    # sampling alone. The report's shift verdicts count a difference only when it exceeds this floor.
+    noise_floor: bool = True
 
 
 @dataclass
@@ -181,6 +186,14 @@ class Study:
         stamp = self.out / stage / "stage.json"
         return stamp.is_file() and json.loads(stamp.read_text()).get("hash") == self.stage_hash(stage)
 
+    def stale(self, stage: str) -> bool:
+        """Outputs of this stage made under another config (or other upstream results): resuming them would mix
+        the two, so the stage starts over. Work started under the same hash (a killed run) is resumed."""
+        for stamp in (self.out / stage / "started.json", self.out / stage / "stage.json"):
+            if stamp.is_file() and json.loads(stamp.read_text()).get("hash") != self.stage_hash(stage):
+                return True
+        return False
+
     def item_done(self, stage: str, item: str) -> bool:
         stamp = self.out / stage / item / "done.json"
         return stamp.is_file() and json.loads(stamp.read_text()).get("hash") == self.stage_hash(stage)
@@ -197,9 +210,9 @@ class Study:
             if self.done(stage) and stage not in force:
                 print(f"[study] {stage}: up to date, skipped")
                 continue
-            if stage in force:  # a forced stage redoes its items too
-                for stamp in (self.out / stage).glob("*/done.json"):
-                    stamp.unlink()
+            if stage in force or self.stale(stage):  # start from nothing: items, checkpoints and predictions too
+                shutil.rmtree(self.out / stage, ignore_errors=True)
+            write_json(self.out / stage / "started.json", {"hash": self.stage_hash(stage)})
             print(f"[study] {stage} …")
             started = time.time()
             getattr(self, "stage_" + stage.replace("-", "_"))()
@@ -219,8 +232,16 @@ class Study:
         """The spoken instruction pool: the first n_examples records that pass the filters."""
         from textkeep.data.datasets import filter_records, load_dataset
 
-        records = filter_records(load_dataset(self.cfg.data.train), max_query_words=self.cfg.data.max_query_words, dedupe=True)
-        return records[: self.cfg.data.n_examples]
+        d = self.cfg.data
+        tokenizer = None
+        if d.max_response_tokens is not None:
+            from transformers import AutoTokenizer
+
+            from textkeep.model.registry import resolve
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve(self.cfg.llm))
+        records = filter_records(load_dataset(d.train), max_query_words=d.max_query_words, max_response_tokens=d.max_response_tokens, tokenizer=tokenizer, dedupe=True)
+        return records[: d.n_examples]
 
     def splits(self):
         from textkeep.data.datasets import attach_audio
@@ -235,7 +256,13 @@ class Study:
     def base_model(self, with_encoder: bool = True):
         from textkeep.model.speech_llm import SpeechLLM
 
-        return SpeechLLM.build(self.cfg.llm, self.cfg.encoder if with_encoder else None, seed=self.cfg.seed, encoder_policy=self.cfg.encoder_policy)
+        model = SpeechLLM.build(self.cfg.llm, self.cfg.encoder if with_encoder else None, seed=self.cfg.seed, encoder_policy=self.cfg.encoder_policy)
+        return on_device(model)
+
+    def trained_model(self, name: str):
+        from textkeep.model.speech_llm import SpeechLLM
+
+        return on_device(SpeechLLM.load(self.run_dir(name)))
 
     def run_dir(self, name: str) -> Path:
         return self.out / "train" / name
@@ -281,7 +308,16 @@ class Study:
         imap.save(out)
 
     def stage_base_importance(self) -> None:
-        self._importance(self.base_model(with_encoder=False), self.splits().importance, "text", self.out / "base-importance" / "map")
+        model, records = self.base_model(with_encoder=False), self.splits().importance[: self.cfg.importance.limit]
+        if not self.item_done("base-importance", "map"):
+            self._importance(model, records, "text", self.out / "base-importance" / "map")
+            self.mark_item("base-importance", "map")
+        if self.cfg.importance.noise_floor and len(records) >= 2:
+            half = len(records) // 2
+            for name, part in (("half-a", records[:half]), ("half-b", records[half:])):
+                if not self.item_done("base-importance", name):
+                    self._importance(model, part, "text", self.out / "base-importance" / name / "map")
+                    self.mark_item("base-importance", name)
 
     def stage_train(self) -> None:
         from textkeep.train.trainer import train
@@ -317,22 +353,19 @@ class Study:
             self.mark_item("train", name)
 
     def stage_importance(self) -> None:
-        from textkeep.model.speech_llm import SpeechLLM
-
         splits = self.splits()
-        for name, run_dir in self.trained().items():
+        for name in self.trained():
             if not self.item_done("importance", name):
-                self._importance(SpeechLLM.load(run_dir), splits.importance, "text", self.out / "importance" / name / "map")
+                self._importance(self.trained_model(name), splits.importance, "text", self.out / "importance" / name / "map")
                 self.mark_item("importance", name)
         if "full" in self.trained() and not self.item_done("importance", "full-speech"):
-            self._importance(SpeechLLM.load(self.run_dir("full")), splits.importance, "speech", self.out / "importance" / "full-speech" / "map")
+            self._importance(self.trained_model("full"), splits.importance, "speech", self.out / "importance" / "full-speech" / "map")
             self.mark_item("importance", "full-speech")
 
     def stage_analysis(self) -> None:
         from textkeep.data.samples import make_samples
         from textkeep.importance.analysis import importance_change, importance_clusters, importance_layers, importance_shift
         from textkeep.importance.deactivation import deactivation_markdown, deactivation_table
-        from textkeep.model.speech_llm import SpeechLLM
 
         out = self.out / "analysis"
         base = self.out / "base-importance" / "map"
@@ -343,11 +376,14 @@ class Study:
         if strategies:
             others = [self.out / "importance" / n / "map" for n in self.trained()]
             importance_shift(base, others, [LABELS.get(n, n) for n in self.trained()], out / "shift")
+            halves = [self.out / "base-importance" / h / "map" for h in ("half-a", "half-b")]
+            if self.cfg.importance.noise_floor and all(h.is_dir() for h in halves):
+                importance_shift(halves[0], [halves[1]], ["No-FT, other half of the importance split"], out / "shift-noise")
             importance_change(self.cfg.llm, [str(self.run_dir(s)) for s in strategies], [LABELS[s] for s in strategies], self.cfg.analysis.layer, out=out / "change")
         if "full" in strategies:
             text_map, speech_map = self.out / "importance" / "full" / "map", self.out / "importance" / "full-speech" / "map"
             importance_clusters([text_map, speech_map], ["text input", "speech input"], self.cfg.analysis.layer, out=out / "clusters")
-            model = SpeechLLM.load(self.run_dir("full"))
+            model = self.trained_model("full")
             test = self.splits().test[: self.cfg.analysis.deactivation_limit]
             samples = {"speech": make_samples(model, test, "speech"), "text": make_samples(model, test, "text")}
             table = deactivation_table(model, text_map, samples, percent=self.cfg.analysis.deactivation_percent, scope=self.cfg.analysis.deactivation_scope, seed=self.cfg.seed)
@@ -362,10 +398,8 @@ class Study:
         e = self.cfg.eval
         kw = dict(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, spoken=self.spoken_sets())
         evaluate(self.base_model(with_encoder=False), e.sets, ["t2t"], self.out / "eval" / "no-ft", model_name="No-FT", **kw)
-        from textkeep.model.speech_llm import SpeechLLM
-
-        for name, run_dir in self.trained().items():
-            evaluate(SpeechLLM.load(run_dir), e.sets, ["t2t", "s2t"], self.out / "eval" / name, model_name=name, **kw)
+        for name in self.trained():
+            evaluate(self.trained_model(name), e.sets, ["t2t", "s2t"], self.out / "eval" / name, model_name=name, **kw)
 
     def stage_report(self) -> None:
         from textkeep.report.html import write_report
@@ -374,6 +408,14 @@ class Study:
 
 
 LABELS = {"full": "Full-FT", "layer-lr": "Layer-LR", "lora": "LoRA"}
+
+
+def on_device(model):
+    """Models run where accelerate puts this process: its GPU when there is one (the same file runs unchanged on
+    CPU and GPU), else the CPU. Training places its own model through its Accelerator."""
+    from accelerate import PartialState
+
+    return model.to(PartialState().device)
 
 
 def study(study_config: Path, out: Path | None = None, force: str | None = None, only: str | None = None) -> Path:

@@ -86,6 +86,7 @@ class FeatureCache:
                 except TextkeepError as e:
                     raise TextkeepError(f"record '{records[i].id}': {e}") from None
             for i, frames in zip(idx, self.model.encode_audio(audios)):
+                frames = frames.cpu()  # cached frames live on the CPU wherever the encoder ran, as cache reads do
                 keys[i] = keys[i] or file_sha256(Path(records[i].audio))
                 self.put(keys[i], frames)
                 out[i] = frames.to(torch.float16).float()  # what a later cache read returns, so cold and warm runs agree

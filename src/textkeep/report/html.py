@@ -1,7 +1,13 @@
 """The study's report: one self-contained HTML page (figures embedded) and results.json with every number on it.
 
-Verdicts on the paper's claims are judged from intervals, not point estimates: an accuracy difference between
-two models counts only when its 95% paired-bootstrap interval (the same questions resampled for both) excludes 0.
+Verdicts on the paper's claims are judged from intervals or noise floors, never from point estimates alone:
+- an accuracy difference between two models counts only when its 95% paired-bootstrap interval (the same
+  questions resampled for both) excludes 0;
+- a shift of the layer-wise importance distribution (JS divergence from the base), or a difference between two
+  shifts, counts only when it exceeds the JS divergence between two base maps made on disjoint halves of the
+  importance split (sampling noise alone; conservative, since the compared maps share their examples);
+- "LoRA's updates are more clustered than Layer-LR's" is a one-sided sign test over the 7 module types of the
+  drawn layer (p < 0.05 needs all 7).
 """
 
 from __future__ import annotations
@@ -50,6 +56,31 @@ def verdict_from_interval(ci: list[float], expect_positive: bool = True) -> str:
     if (hi < 0) if expect_positive else (lo > 0):
         return "not reproduced"
     return "inconclusive"
+
+
+def shift_verdict(margin: float, noise: float | None) -> str:
+    """A shift (or a difference of shifts) against the split-half noise floor: it counts only beyond the floor."""
+    if noise is None or np.isnan(margin):
+        return "inconclusive"
+    if margin > noise:
+        return "reproduced"
+    return "not reproduced" if margin < -noise else "inconclusive"
+
+
+def sign_test_verdict(wins: int, n: int, alpha: float = 0.05) -> str:
+    """One-sided sign test over modules (each module one paired comparison): with 7 modules only 7 of 7 is significant."""
+    from math import comb
+
+    tail = lambda k: sum(comb(n, i) for i in range(k, n + 1)) / 2**n  # noqa: E731  P(X ≥ k) under a fair coin
+    if n and tail(wins) < alpha:
+        return "reproduced"
+    if n and tail(n - wins) < alpha:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def _fmt(x: float | None) -> str:
+    return "not measured" if x is None else f"{x:.4f}"
 
 
 def _predictions(run_dir: Path) -> dict[tuple[str, str], dict[str, bool]]:
@@ -151,23 +182,37 @@ def write_report(study) -> Path:
     if shift_path.is_file():
         shift = json.loads(shift_path.read_text())["rows"]
         results["shift"] = shift
+        noise_path = a / "shift-noise" / "shift.json"
+        noise_rows = json.loads(noise_path.read_text())["rows"] if noise_path.is_file() else {}
+        noise = next(iter(noise_rows.values()))["js_divergence"] if noise_rows else None
+        results["shift_noise"] = noise_rows
         keys = [k for k in next(iter(shift.values())) if not k.startswith("spearman_p")]
-        sections.append("<h2>Importance shift from the base model</h2>" + _table(["Model"] + keys, [[n] + [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r[k] for k in keys)] for n, r in shift.items()]))
+        cells = lambda r: [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r.get(k, "–") for k in keys)]  # noqa: E731
+        rows = [[n] + cells(r) for n, r in shift.items()] + [[f"<i>noise floor: half vs half of the split (No-FT)</i>"] + cells(r) for r in noise_rows.values()]
+        sections.append("<h2>Importance shift from the base model</h2>" + _table(["Model"] + keys, rows))
         js = {n: r["js_divergence"] for n, r in shift.items()}
+        if noise is not None:
+            sections.append(f"<p class='note'>Noise floor: the JS divergence between base maps computed on the two halves of the importance split is {noise:.4f} bits. "
+                            "A shift, or a difference between shifts, counts only when it exceeds it.</p>")
         if "Full-FT" in js:
+            verdicts.append(("§2.3.2", f"speech fine-tuning shifts the layer-wise textual importance distribution (Full-FT JS divergence {js['Full-FT']:.4f}, noise floor {_fmt(noise)})",
+                             shift_verdict(js["Full-FT"], noise)))
             for other in ("Layer-LR", "LoRA"):
                 if other in js:
-                    verdicts.append(("Fig. 3", f"{other} keeps the textual importance distribution closer to the base than Full-FT (JS divergence {js[other]:.4f} vs {js['Full-FT']:.4f})",
-                                     "reproduced" if js[other] < js["Full-FT"] else "not reproduced"))
+                    verdicts.append(("Fig. 3", f"{other} keeps the textual importance distribution closer to the base than Full-FT (JS divergence {js[other]:.4f} vs {js['Full-FT']:.4f}, noise floor {_fmt(noise)})",
+                                     shift_verdict(js["Full-FT"] - js[other], noise)))
 
     change_path = a / "change" / "change.json"
     if change_path.is_file():
         panels = json.loads(change_path.read_text())["panels"]
-        score = {n: float(np.mean([p["score"]["ratio"] for p in mods.values()])) for n, mods in panels.items()}
+        per_module = {n: {mod: p["score"]["ratio"] for mod, p in mods.items()} for n, mods in panels.items()}
+        score = {n: float(np.mean(list(m.values()))) for n, m in per_module.items()}
         results["change_clustering"] = score
-        if "LoRA" in score and "Layer-LR" in score:
-            verdicts.append(("Fig. 4", f"LoRA's updates gather more in rows and columns than Layer-LR's (clustering ratio {score['LoRA']:.2f} vs {score['Layer-LR']:.2f})",
-                             "reproduced" if score["LoRA"] > score["Layer-LR"] else "not reproduced"))
+        if "LoRA" in per_module and "Layer-LR" in per_module:
+            mods = sorted(set(per_module["LoRA"]) & set(per_module["Layer-LR"]))
+            wins = sum(per_module["LoRA"][m] > per_module["Layer-LR"][m] for m in mods)
+            verdicts.append(("Fig. 4", f"LoRA's updates gather more in rows and columns than Layer-LR's (clustering ratio {score['LoRA']:.2f} vs {score['Layer-LR']:.2f}; higher in {wins} of {len(mods)} modules)",
+                             sign_test_verdict(wins, len(mods))))
 
     # ---- Paired accuracy verdicts ----
     preds = {n: _predictions(out / "eval" / n) for n in metrics}
