@@ -63,6 +63,10 @@ def test_study_runs_every_stage_and_writes_the_report(finished):
     assert set(results["table2"]) == {"no-ft", "full", "layer-lr", "lora"}
     assert set(map(str, results["table3"])) == {"8", "16"}
     assert {"speech", "text"} <= set(results["table1"]["Full-FT"])
+    splits = json.loads((out / "data" / "splits.json").read_text())
+    pool = [json.loads(line)["id"] for line in (out / "data" / "pool.jsonl").read_text().splitlines()]
+    assert set(splits["train"]) | set(splits["test"]) == set(pool)  # training reads the saved pool, nothing else
+    assert json.loads((out / "train" / "full" / "train_config.json").read_text())["derived"]["n_examples"] == len(splits["train"])
     layer_lr = json.loads((out / "train" / "layer-lr" / "layer_lr.json").read_text())
     assert len(layer_lr) == 4 and min(r["lr_scale"] for r in layer_lr) == pytest.approx(0.6)  # Eq. 3 with λ = 0.4
     assert results["verdicts"] and all(v["verdict"] in ("reproduced", "not reproduced", "inconclusive") for v in results["verdicts"])
@@ -102,12 +106,12 @@ def test_kill_during_training_then_rerun_gives_the_same_results(shared, finished
 def test_report_opens_in_a_browser(finished, tmp_path):
     out, _ = finished
     page = (out / "report" / "index.html").read_text()
-    for title in ("Table 1", "Table 2", "Table 3", "Fig. 1", "Figs. 2 and 3", "Fig. 4", "Verdicts"):
+    for title in ("Table 1", "Table 2", "Table 3", "Fig. 1", "Fig. 2", "Fig. 3", "Fig. 4", "Verdicts"):
         assert title in page, title
     from PIL import Image
 
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
-    assert len(images) >= 4
+    assert len(images) >= 6 and "figure not produced" not in page
     for data in images:  # every figure has drawn pixels, not a blank canvas
         img = Image.open(io.BytesIO(base64.b64decode(data))).convert("L")
         lo, hi = img.getextrema()
@@ -163,3 +167,16 @@ def test_response_cap_keeps_only_short_responses(data_dir, monkeypatch, tmp_path
     lengths = [len(tok.encode(r.response, add_special_tokens=False)) for r in capped]
     assert len(capped) == 50 and max(lengths) <= 40
     assert max(len(tok.encode(r.response, add_special_tokens=False)) for r in uncapped) > 40  # the cap removed something
+
+
+def test_two_processes_train_together_and_run_the_other_stages_once(shared):
+    tmp, config, env = shared
+    out = tmp / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textkeep.cli", "study", str(config), "--out", str(out)]
+    proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert json.loads((out / "train" / "full" / "train_config.json").read_text())["derived"]["processes"] == 2
+    for stage in ("data", "base-importance", "train", "importance", "analysis", "eval", "report"):
+        assert log.count(f"[study] {stage} …") == 1, stage  # the main process runs it; the other waits
+    assert (out / "report" / "results.json").is_file()

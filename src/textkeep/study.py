@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from textkeep.errors import TextkeepError
-from textkeep.fileio import write_json
+from textkeep.fileio import write_json, write_text
 
 STAGES = ("data", "base-importance", "train", "importance", "analysis", "eval", "report")
 # What each stage reads from the config, and which stages' outputs it reads.
@@ -199,26 +199,38 @@ class Study:
         return stamp.is_file() and json.loads(stamp.read_text()).get("hash") == self.stage_hash(stage)
 
     def mark_item(self, stage: str, item: str) -> None:
-        write_json(self.out / stage / item / "done.json", {"hash": self.stage_hash(stage)})
+        if process_state().is_main_process:
+            write_json(self.out / stage / item / "done.json", {"hash": self.stage_hash(stage)})
 
     def run(self, force: set[str] = frozenset(), only: set[str] | None = None) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "config.json", asdict(self.cfg))
+        """Under `accelerate launch` every process runs this: all of them train (accelerate splits the batches);
+        the other stages run on the main process while the rest wait, so no two processes write the same files."""
+        state = process_state()
+        main = state.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", asdict(self.cfg))
         for stage in STAGES:
             if only is not None and stage not in only:
                 continue
             if self.done(stage) and stage not in force:
-                print(f"[study] {stage}: up to date, skipped")
+                if main:
+                    print(f"[study] {stage}: up to date, skipped")
                 continue
-            if stage in force or self.stale(stage):  # start from nothing: items, checkpoints and predictions too
-                shutil.rmtree(self.out / stage, ignore_errors=True)
-            write_json(self.out / stage / "started.json", {"hash": self.stage_hash(stage)})
-            print(f"[study] {stage} …")
+            if main:
+                if stage in force or self.stale(stage):  # start from nothing: items, checkpoints and predictions too
+                    shutil.rmtree(self.out / stage, ignore_errors=True)
+                write_json(self.out / stage / "started.json", {"hash": self.stage_hash(stage)})
+                print(f"[study] {stage} …")
+            state.wait_for_everyone()
             started = time.time()
-            getattr(self, "stage_" + stage.replace("-", "_"))()
+            if main or stage == "train":
+                getattr(self, "stage_" + stage.replace("-", "_"))()
             seconds = round(time.time() - started, 1)
-            write_json(self.out / stage / "stage.json", {"hash": self.stage_hash(stage), "seconds": seconds})
-            print(f"[study] {stage}: done in {seconds:.0f} s")
+            if main:
+                write_json(self.out / stage / "stage.json", {"hash": self.stage_hash(stage), "seconds": seconds})
+                print(f"[study] {stage}: done in {seconds:.0f} s")
+            state.wait_for_everyone()
         return self.out
 
     # ---- shared inputs -----------------------------------------------------------------------------------------
@@ -242,6 +254,9 @@ class Study:
             tokenizer = AutoTokenizer.from_pretrained(resolve(self.cfg.llm))
         records = filter_records(load_dataset(d.train), max_query_words=d.max_query_words, max_response_tokens=d.max_response_tokens, tokenizer=tokenizer, dedupe=True)
         return records[: d.n_examples]
+
+    def pool_file(self) -> Path:
+        return self.out / "data" / "pool.jsonl"
 
     def splits(self):
         from textkeep.data.datasets import attach_audio
@@ -284,6 +299,9 @@ class Study:
         speak(pool, self.spoken_dir(self.cfg.data.train), voices=voices, seed=self.cfg.seed)
         splits = make_splits(pool, test_size=self.cfg.data.test_size, importance_fraction=self.cfg.data.importance_fraction, seed=self.cfg.seed)
         save_split_ids(splits, self.out / "data")
+        # The pool itself, so that training reads exactly these records (and the results keep what they came from).
+        rows = ({"id": r.id, "instruction": r.instruction, "response": r.response} for r in pool)
+        write_text(self.pool_file(), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         for set_name in self.cfg.eval.sets:
             if set_name == "llama-questions":
                 continue  # recorded speech
@@ -323,13 +341,16 @@ class Study:
         from textkeep.train.trainer import train
 
         t = self.cfg.train
+        # Every process must agree on what is done and what resumes before any of them writes into a run folder.
+        todo = {name: (self.run_dir(name) / "train_config.json").is_file() for name in self.cfg.run_names() if not self.item_done("train", name)}
+        process_state().wait_for_everyone()
         for name, run in self.cfg.run_names().items():
-            if self.item_done("train", name):
+            if name not in todo:
                 continue
             train(
                 model=self.cfg.llm,
                 encoder=self.cfg.encoder,
-                data=self.cfg.data.train,
+                data=str(self.pool_file()),
                 spoken=self.spoken_dir(self.cfg.data.train) / "manifest.jsonl",
                 strategy=run["strategy"],
                 out=self.run_dir(name),
@@ -347,7 +368,7 @@ class Study:
                 adaptor_lr=t.adaptor_lr,
                 gradient_checkpointing=t.gradient_checkpointing,
                 seed=self.cfg.seed,
-                resume=(self.run_dir(name) / "train_config.json").is_file(),
+                resume=todo[name],
                 encoder_policy=self.cfg.encoder_policy,
             )
             self.mark_item("train", name)
@@ -373,6 +394,11 @@ class Study:
         maps = [base] + [self.out / "importance" / s / "map" for s in strategies]
         labels = ["No-FT (base)"] + [LABELS[s] for s in strategies]
         importance_layers(maps, labels, out / "layers", by_module=True)
+        if "full" in strategies:  # the paper's Fig 2: the base against Full-FT
+            importance_layers(maps[:2], labels[:2], out / "layers-fig2")
+        mitigations = [i for i, s in enumerate(strategies, start=1) if s != "full"]
+        if mitigations:  # the paper's Fig 3: the base against the mitigations
+            importance_layers([base] + [maps[i] for i in mitigations], [labels[0]] + [labels[i] for i in mitigations], out / "layers-fig3")
         if strategies:
             others = [self.out / "importance" / n / "map" for n in self.trained()]
             importance_shift(base, others, [LABELS.get(n, n) for n in self.trained()], out / "shift")
@@ -388,8 +414,6 @@ class Study:
             samples = {"speech": make_samples(model, test, "speech"), "text": make_samples(model, test, "text")}
             table = deactivation_table(model, text_map, samples, percent=self.cfg.analysis.deactivation_percent, scope=self.cfg.analysis.deactivation_scope, seed=self.cfg.seed)
             write_json(out / "deactivation" / "deactivation.json", {"Full-FT": table, "percent": self.cfg.analysis.deactivation_percent, "n": len(test)})
-            from textkeep.fileio import write_text
-
             write_text(out / "deactivation" / "deactivation.md", deactivation_markdown({"Full-FT": table}, self.cfg.analysis.deactivation_percent))
 
     def stage_eval(self) -> None:
@@ -410,12 +434,20 @@ class Study:
 LABELS = {"full": "Full-FT", "layer-lr": "Layer-LR", "lora": "LoRA"}
 
 
+def process_state():
+    """This process's place in an `accelerate launch` (or torchrun) run. accelerate treats several processes on CPUs
+    as one distributed run only when asked for the CPU, so a machine without GPUs asks for it."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 def on_device(model):
     """Models run where accelerate puts this process: its GPU when there is one (the same file runs unchanged on
     CPU and GPU), else the CPU. Training places its own model through its Accelerator."""
-    from accelerate import PartialState
-
-    return model.to(PartialState().device)
+    return model.to(process_state().device)
 
 
 def study(study_config: Path, out: Path | None = None, force: str | None = None, only: str | None = None) -> Path:

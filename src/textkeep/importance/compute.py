@@ -82,7 +82,9 @@ def _fold_hook(buf: torch.Tensor, mode: str, n_tokens: list[int]):
     over memory per parameter and batch, which is most of the cost of these modes over a plain backward."""
 
     def hook(p):
-        g = p.grad.float()  # the grad itself when fp32: it is dropped below, so in-place is fine
+        # The fp32 buffer takes the bf16/fp16 gradient directly: mixed-dtype add_/addcmul_ compute in fp32 without an
+        # fp32 copy of the gradient. abs_ may work in place: the gradient is dropped below.
+        g = p.grad
         if mode == "paper":
             buf.add_(g)
         elif mode == "abs":

@@ -32,6 +32,8 @@ PAPER_TABLE2 = {  # LQ T2T, LQ S2T, WQ T2T, WQ S2T
     "8B": {"No-FT": [84.7, None, 58.7, None], "Full-FT": [80.0, 72.0, 55.7, 38.7], "Layer-LR": [81.3, 73.3, 57.6, 39.6], "LoRA": [81.0, 75.0, 56.7, 42.9]},
 }
 PAPER_TABLE3 = {8: [81.3, 74.7, 56.3, 41.7], 16: [81.0, 75.0, 56.7, 42.9], 24: [79.3, 75.3, 54.7, 40.1]}  # 8B
+# Fig 1, Table 1, Fig 2 and the shift (§2); Table 2, Fig 3, Fig 4, Table 3 (§3); then the combined layer figures.
+PAPER_ORDER = ["fig1", "table1", "fig2", "shift", "table2", "fig3", "fig4", "table3", "layers"]
 COLUMNS = [("llama-questions", "t2t"), ("llama-questions", "s2t"), ("web-questions", "t2t"), ("web-questions", "s2t")]
 COLUMN_TITLES = ["Llama Q T2T", "Llama Q S2T", "Web Q T2T", "Web Q S2T"]
 
@@ -123,7 +125,7 @@ def write_report(study) -> Path:
     out, cfg = study.out, study.cfg
     report = out / "report"
     results: dict = {"profile": cfg.profile, "config": json.loads(json.dumps(cfg.__dict__, default=lambda o: o.__dict__))}
-    sections: list[str] = []
+    sections: dict[str, str] = {}  # keyed, then laid out in the paper's order (PAPER_ORDER)
     verdicts: list[tuple[str, str, str]] = []
 
     # ---- Table 2 (and No-FT) ----
@@ -136,7 +138,7 @@ def write_report(study) -> Path:
     for size, table in PAPER_TABLE2.items():
         for name, vals in table.items():
             rows.append([f"<i>paper {size}: {name}</i>"] + [f"<i>{v:.1f}</i>" if v is not None else "–" for v in vals])
-    sections.append(
+    sections["table2"] = (
         "<h2>Table 2 · spoken QA accuracy (%)</h2>"
         + _table(["Method"] + COLUMN_TITLES, rows)
         + "<p class='note'>Ours: has_answer scorer, 95% bootstrap interval in brackets. Rows in italics are the paper's "
@@ -152,7 +154,7 @@ def write_report(study) -> Path:
             m = json.loads(path.read_text()) if path.is_file() else None
             results["table3"][r] = m["results"] if m else None
             rows.append([str(r)] + [_acc_cell(m, s, mm)[0] for s, mm in COLUMNS] + [" / ".join(f"{v:.1f}" for v in PAPER_TABLE3.get(r, [])) or "–"])
-        sections.append("<h2>Table 3 · LoRA rank</h2>" + _table(["Rank"] + COLUMN_TITLES + ["paper (8B)"], rows))
+        sections["table3"] = ("<h2>Table 3 · LoRA rank</h2>" + _table(["Rank"] + COLUMN_TITLES + ["paper (8B)"], rows))
 
     # ---- Table 1 (deactivation) ----
     deact_path = out / "analysis" / "deactivation" / "deactivation.json"
@@ -168,14 +170,16 @@ def write_report(study) -> Path:
         for size, t in PAPER_TABLE1.items():
             for inp, v in t.items():
                 rows.append([f"<i>paper {size}</i>", inp] + [f"<i>{_ppl(x)}</i>" for x in v])
-        sections.append(f"<h2>Table 1 · perplexity after deactivating {p:g}% of parameters</h2>" + _table(["Model", "Input", "Base", "Top", "Bottom", "Random"], rows)
+        sections["table1"] = (f"<h2>Table 1 · perplexity after deactivating {p:g}% of parameters</h2>" + _table(["Model", "Input", "Base", "Top", "Bottom", "Random"], rows)
                         + f"<p class='note'>Reference responses of {deact['n']} held-out examples; token-weighted perplexity over response tokens.</p>")
 
     # ---- Figures ----
     a = out / "analysis"
-    sections.append("<h2>Fig. 1 · rank clustering of the top 5% (Full-FT, text vs speech input)</h2>" + _img(a / "clusters" / "clusters.png"))
-    sections.append("<h2>Figs. 2 and 3 · layer-wise distribution of textual importance</h2>" + _img(a / "layers" / "layers.png") + _img(a / "layers" / "layers_by_module.png"))
-    sections.append("<h2>Fig. 4 · parameter change |θ_ft − θ_base|</h2>" + _img(a / "change" / "change.png"))
+    sections["fig1"] = ("<h2>Fig. 1 · rank clustering of the top 5% (Full-FT, text vs speech input)</h2>" + _img(a / "clusters" / "clusters.png"))
+    sections["fig2"] = ("<h2>Fig. 2 · layer-wise distribution of textual importance: No-FT vs Full-FT</h2>" + _img(a / "layers-fig2" / "layers.png"))
+    sections["fig3"] = ("<h2>Fig. 3 · the same for the mitigations: No-FT vs Layer-LR and LoRA</h2>" + _img(a / "layers-fig3" / "layers.png"))
+    sections["layers"] = ("<h2>Figs. 2 and 3 together, and by module type</h2>" + _img(a / "layers" / "layers.png") + _img(a / "layers" / "layers_by_module.png"))
+    sections["fig4"] = ("<h2>Fig. 4 · parameter change |θ_ft − θ_base|</h2>" + _img(a / "change" / "change.png"))
 
     # ---- Shift table and its verdicts ----
     shift_path = a / "shift" / "shift.json"
@@ -189,10 +193,10 @@ def write_report(study) -> Path:
         keys = [k for k in next(iter(shift.values())) if not k.startswith("spearman_p")]
         cells = lambda r: [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r.get(k, "–") for k in keys)]  # noqa: E731
         rows = [[n] + cells(r) for n, r in shift.items()] + [[f"<i>noise floor: half vs half of the split (No-FT)</i>"] + cells(r) for r in noise_rows.values()]
-        sections.append("<h2>Importance shift from the base model</h2>" + _table(["Model"] + keys, rows))
+        sections["shift"] = ("<h2>Importance shift from the base model</h2>" + _table(["Model"] + keys, rows))
         js = {n: r["js_divergence"] for n, r in shift.items()}
         if noise is not None:
-            sections.append(f"<p class='note'>Noise floor: the JS divergence between base maps computed on the two halves of the importance split is {noise:.4f} bits. "
+            sections["shift"] += (f"<p class='note'>Noise floor: the JS divergence between base maps computed on the two halves of the importance split is {noise:.4f} bits. "
                             "A shift, or a difference between shifts, counts only when it exceeds it.</p>")
         if "Full-FT" in js:
             verdicts.append(("§2.3.2", f"speech fine-tuning shifts the layer-wise textual importance distribution (Full-FT JS divergence {js['Full-FT']:.4f}, noise floor {_fmt(noise)})",
@@ -253,7 +257,7 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:.85em}}</style></hea
 ({cfg.data.n_examples} spoken instructions, {cfg.data.test_size} held out); paper: Wang et al., <i>Understanding Textual Capability Degradation in Speech LLMs via Parameter Importance Analysis</i>.</p>
 {smoke}
 <h2>Verdicts on the paper's claims</h2>{verdict_html}
-{''.join(sections)}
+{''.join(sections[k] for k in PAPER_ORDER if k in sections)}
 <h2>Run</h2>{_table(["Stage", "Seconds"], [[s, f"{t:.0f}"] for s, t in stage_times.items()])}
 <h3>Environment</h3><pre>{html.escape(json.dumps(env, indent=2))}</pre>
 <h3>Config</h3><pre>{html.escape(json.dumps(results['config'], indent=2, default=str))}</pre>
