@@ -180,3 +180,20 @@ def test_two_processes_train_together_and_run_the_other_stages_once(shared):
     for stage in ("data", "base-importance", "train", "importance", "analysis", "eval", "report"):
         assert log.count(f"[study] {stage} …") == 1, stage  # the main process runs it; the other waits
     assert (out / "report" / "results.json").is_file()
+
+
+def test_deactivation_without_norms_reaches_the_report(shared, finished):
+    tmp, config, env = shared
+    out = tmp / "d"
+    shutil.copytree(finished[0], out)
+    changed = tmp / "tiny-no-norms.yaml"
+    changed.write_text(config.read_text().replace("analysis:\n", "analysis:\n  deactivation_include_norms: false\n"))
+    proc = subprocess.run([sys.executable, "-m", "textkeep.cli", "study", str(changed), "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train: up to date" in proc.stdout and "analysis: done" in proc.stdout
+    with_norms = json.loads((finished[0] / "report" / "results.json").read_text())["table1"]
+    without = json.loads((out / "report" / "results.json").read_text())["table1"]
+    assert with_norms["include_norms"] is True and without["include_norms"] is False
+    assert without["Full-FT"]["text"]["base"] == pytest.approx(with_norms["Full-FT"]["text"]["base"])  # same model and data
+    assert without["Full-FT"]["text"]["bottom"] != with_norms["Full-FT"]["text"]["bottom"]  # another set of entries removed
+    assert "norm weights left out" in (out / "report" / "index.html").read_text()

@@ -86,6 +86,7 @@ class AnalysisConfig:
     deactivation_percent: float = 3.0
     deactivation_limit: int = 100
     deactivation_scope: str = "tensor"
+    deactivation_include_norms: bool = True  # false: weight matrices only (norms' bottom entries are not small)
     layer: int | None = None  # the layer drawn in Figs 1 and 4 (default: the middle one)
 
 
@@ -412,8 +413,10 @@ class Study:
             model = self.trained_model("full")
             test = self.splits().test[: self.cfg.analysis.deactivation_limit]
             samples = {"speech": make_samples(model, test, "speech"), "text": make_samples(model, test, "text")}
-            table = deactivation_table(model, text_map, samples, percent=self.cfg.analysis.deactivation_percent, scope=self.cfg.analysis.deactivation_scope, seed=self.cfg.seed)
-            write_json(out / "deactivation" / "deactivation.json", {"Full-FT": table, "percent": self.cfg.analysis.deactivation_percent, "n": len(test)})
+            table = deactivation_table(model, text_map, samples, percent=self.cfg.analysis.deactivation_percent, scope=self.cfg.analysis.deactivation_scope, seed=self.cfg.seed,
+                                       include_norms=self.cfg.analysis.deactivation_include_norms)
+            write_json(out / "deactivation" / "deactivation.json",
+                       {"Full-FT": table, "percent": self.cfg.analysis.deactivation_percent, "n": len(test), "include_norms": self.cfg.analysis.deactivation_include_norms})
             write_text(out / "deactivation" / "deactivation.md", deactivation_markdown({"Full-FT": table}, self.cfg.analysis.deactivation_percent))
 
     def stage_eval(self) -> None:

@@ -171,7 +171,9 @@ def write_report(study) -> Path:
             for inp, v in t.items():
                 rows.append([f"<i>paper {size}</i>", inp] + [f"<i>{_ppl(x)}</i>" for x in v])
         sections["table1"] = (f"<h2>Table 1 · perplexity after deactivating {p:g}% of parameters</h2>" + _table(["Model", "Input", "Base", "Top", "Bottom", "Random"], rows)
-                        + f"<p class='note'>Reference responses of {deact['n']} held-out examples; token-weighted perplexity over response tokens.</p>")
+                        + f"<p class='note'>Reference responses of {deact['n']} held-out examples; token-weighted perplexity over response tokens. "
+                        + ("Deactivated: every tensor of the decoder layers, norm weights included." if deact.get("include_norms", True) else "Deactivated: the decoder layers' weight matrices (norm weights left out).")
+                        + "</p>")
 
     # ---- Figures ----
     a = out / "analysis"
