@@ -130,16 +130,23 @@ def test_report_opens_in_a_browser(finished, tmp_path):
     assert hi - lo > 100  # the page rendered text and figures, not a blank screen
 
 
-def test_changed_config_redoes_a_stage_instead_of_resuming_it_and_force_redoes_eval(shared, finished):
+def _rerun_changed(shared, finished, name: str, old: str, new: str) -> tuple[Path, Path, str]:
+    """A copy of the finished study rerun with one edit to its config: (its folder, the edited config, the log)."""
     tmp, config, env = shared
-    out = tmp / "c"
+    out = tmp / name
     shutil.copytree(finished[0], out)
-    changed = tmp / "tiny-lr.yaml"
-    changed.write_text(config.read_text().replace("  lr: 1.0e-3\n", "  lr: 5.0e-4\n"))
+    changed = tmp / f"tiny-{name}.yaml"
+    changed.write_text(config.read_text().replace(old, new))
     assert changed.read_text() != config.read_text()
     proc = _study(changed, out, env)
     log, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, log[-3000:]
+    return out, changed, log
+
+
+def test_changed_config_redoes_a_stage_instead_of_resuming_it_and_force_redoes_eval(shared, finished):
+    env = shared[2]
+    out, changed, log = _rerun_changed(shared, finished, "c", "  lr: 1.0e-3\n", "  lr: 5.0e-4\n")
     assert "data: up to date" in log and "train: done" in log  # only the stages downstream of train.lr ran again
     for run in ("full", "layer-lr", "lora"):  # retrained under the new config, not resumed from the old checkpoints
         assert json.loads((out / "train" / run / "train_config.json").read_text())["args"]["lr"] == 5.0e-4
@@ -183,14 +190,8 @@ def test_two_processes_train_together_and_run_the_other_stages_once(shared):
 
 
 def test_deactivation_without_norms_reaches_the_report(shared, finished):
-    tmp, config, env = shared
-    out = tmp / "d"
-    shutil.copytree(finished[0], out)
-    changed = tmp / "tiny-no-norms.yaml"
-    changed.write_text(config.read_text().replace("analysis:\n", "analysis:\n  deactivation_include_norms: false\n"))
-    proc = subprocess.run([sys.executable, "-m", "textkeep.cli", "study", str(changed), "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "train: up to date" in proc.stdout and "analysis: done" in proc.stdout
+    out, _, log = _rerun_changed(shared, finished, "d", "analysis:\n", "analysis:\n  deactivation_include_norms: false\n")
+    assert "train: up to date" in log and "analysis: done" in log
     with_norms = json.loads((finished[0] / "report" / "results.json").read_text())["table1"]
     without = json.loads((out / "report" / "results.json").read_text())["table1"]
     assert with_norms["include_norms"] is True and without["include_norms"] is False

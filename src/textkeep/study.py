@@ -242,7 +242,7 @@ class Study:
         return Path(root) / set_name.replace("/", "_") if root else spoken_manifest(set_name).parent
 
     def pool(self):
-        """The spoken instruction pool: the first n_examples records that pass the filters."""
+        """The spoken instruction pool: the first n_examples records that pass the filters (the data stage saves it)."""
         from textkeep.data.datasets import filter_records, load_dataset
 
         d = self.cfg.data
@@ -260,10 +260,12 @@ class Study:
         return self.out / "data" / "pool.jsonl"
 
     def splits(self):
-        from textkeep.data.datasets import attach_audio
+        """The data stage's pool (read back from its file: filtering the whole dataset again costs seconds per call),
+        with its audio, cut into the saved splits."""
+        from textkeep.data.datasets import attach_audio, load_dataset
         from textkeep.data.splits import apply_split_ids
 
-        records = attach_audio(self.pool(), self.spoken_dir(self.cfg.data.train) / "manifest.jsonl")
+        records = attach_audio(load_dataset(str(self.pool_file())), self.spoken_dir(self.cfg.data.train) / "manifest.jsonl")
         return apply_split_ids(records, self.out / "data" / "splits.json")
 
     def spoken_sets(self) -> dict[str, str]:
