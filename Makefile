@@ -57,7 +57,9 @@ install-test: $(VENV)/.installed-test system-deps browser models
 demo: install
 	$(BIN)/textkeep study configs/study/quick.yaml --out runs/quick
 
+# ruff first (lint and format, 120 columns): a style slip fails in a second, before the suite's minutes.
 test: install-test
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "pytest collected no tests: the suite is missing or filtered away"; exit 1; fi; exit $$rc
 

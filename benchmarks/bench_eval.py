@@ -47,7 +47,9 @@ def main() -> None:
         same = sum(batched[i] == single[i] for i in range(len(samples)))
         rows.append((mode, t_single, t_batched, same))
 
-    print(f"{args.n} LLaMA Questions, batch {args.batch_size}, greedy, max {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads\n")
+    print(
+        f"{args.n} LLaMA Questions, batch {args.batch_size}, greedy, max {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads\n"
+    )
     print("| mode | one at a time (s) | batched (s) | q/s batched | speed-up | identical answers |")
     print("|---|---|---|---|---|---|")
     for mode, t1, tb, same in rows:

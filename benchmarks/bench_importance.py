@@ -68,9 +68,16 @@ def build_model(args):
         tok = build_tiny_tokenizer()
     hidden, inter, layers, heads, kv, vocab, tied = SHAPES[args.shape]
     config = LlamaConfig(
-        vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.layers or layers,
-        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied, rope_theta=500000.0,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=max(vocab, len(tok)),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=args.layers or layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tied,
+        rope_theta=500000.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
     with torch.device(args.device):  # built in place: an 8B model never exists in fp32 on the host
@@ -145,7 +152,11 @@ def run(kind, model, samples, args, peak=None):
     """One pass: (wall s, CPU s, peak bytes or None)."""
     with peak or contextlib.nullcontext():
         started, cpu_started = time.perf_counter(), time.process_time()
-        out = plain_pass(model, samples, args.batch_size) if kind == "plain" else compute_importance(model, samples, mode=kind, batch_size=args.batch_size, progress=False)
+        out = (
+            plain_pass(model, samples, args.batch_size)
+            if kind == "plain"
+            else compute_importance(model, samples, mode=kind, batch_size=args.batch_size, progress=False)
+        )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
@@ -158,16 +169,29 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 2 on CPU, the shape's on GPU; 0 = the shape's)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (default: 2 on CPU, the shape's on GPU; 0 = the shape's)",
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
-    p.add_argument("--pretrained", action="store_true", help="the real smollm2-135m-instruct instead of a random-init shape")
-    p.add_argument("--data", default=None, help="a data set name or file (default: alpaca when TEXTKEEP_DATA_DIR is set, else synthetic)")
+    p.add_argument(
+        "--pretrained", action="store_true", help="the real smollm2-135m-instruct instead of a random-init shape"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a data set name or file (default: alpaca when TEXTKEEP_DATA_DIR is set, else synthetic)",
+    )
     p.add_argument("--n", type=int, default=8, help="examples")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--marginal", action="store_true", help="also time every pass on half the examples: per-batch vs fixed cost")
+    p.add_argument(
+        "--marginal", action="store_true", help="also time every pass on half the examples: per-batch vs fixed cost"
+    )
     args = p.parse_args()
     on_gpu = args.device.startswith("cuda")
     args.layers = args.layers if args.layers is not None else (None if on_gpu else 2)
@@ -180,7 +204,11 @@ def main():
     samples = load_samples(args, model)
     n_params = sum(t.numel() for t in model.llm.parameters())
     n_tokens = sum(model.tokenize([s]).input_ids.shape[1] for s in samples)
-    name = "smollm2-135m-instruct (pretrained)" if args.pretrained else f"random-init {args.shape}, {model.llm.config.num_hidden_layers} layers"
+    name = (
+        "smollm2-135m-instruct (pretrained)"
+        if args.pretrained
+        else f"random-init {args.shape}, {model.llm.config.num_hidden_layers} layers"
+    )
     print(f"{name}: {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, {torch.get_num_threads()} threads")
     print(f"data: {args.data}, {len(samples)} examples ({n_tokens} tokens), batch size {args.batch_size}", flush=True)
 
@@ -188,14 +216,16 @@ def main():
     run("plain", model, samples, args)  # warm-up: first-call allocations and kernel selection
     wall, cpu = {k: [] for k in kinds}, {k: [] for k in kinds}
     for r in range(args.repeats):
-        for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:  # rotated, so no pass always runs first
+        for k in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:  # rotated, so no pass always runs first
             w, c, _ = run(k, model, samples, args)
             wall[k].append(w)
             cpu[k].append(c)
     # A map's fixed cost (allocating the accumulators, scoring, copying every score to the host) does not grow with
     # the data; the per-batch cost does. Their split: the same passes on the first half of the examples.
     half = samples[: len(samples) // 2]
-    wall_half = {k: min(run(k, model, half, args)[0] for _ in range(args.repeats)) for k in kinds} if args.marginal else {}
+    wall_half = (
+        {k: min(run(k, model, half, args)[0] for _ in range(args.repeats)) for k in kinds} if args.marginal else {}
+    )
     peaks = {"glibc": {}, "tensors": {}}
     for setting, table in peaks.items():
         if setting == "tensors" and not on_gpu:
@@ -211,24 +241,32 @@ def main():
     plain_m = peaks["tensors"]["plain"]
     slack = 0.01 * fp32_copy  # page granularity and small Python objects
     print(f"\none fp32 copy of the parameters: {mib(fp32_copy):.1f} MiB (bounds allow {mib(slack):.1f} MiB of slack)")
-    print(f"{'pass':7} {'wall s':>7} {'÷plain':>7} {'cpu s':>7} {'÷plain':>7} {'peak MiB':>9} {'−plain':>7} {'glibc MiB':>10}  memory bound")
+    print(
+        f"{'pass':7} {'wall s':>7} {'÷plain':>7} {'cpu s':>7} {'÷plain':>7} {'peak MiB':>9} {'−plain':>7} {'glibc MiB':>10}  memory bound"
+    )
     for k in kinds:
         bound = plain_m + (0 if k == "paper" and args.dtype == "fp32" else fp32_copy)
         m = peaks["tensors"][k]
-        verdict = "" if k == "plain" else f"{'≤ plain' if bound == plain_m else '≤ plain + fp32 copy'}: {'ok' if m <= bound + slack else 'OVER'}"
+        verdict = (
+            ""
+            if k == "plain"
+            else f"{'≤ plain' if bound == plain_m else '≤ plain + fp32 copy'}: {'ok' if m <= bound + slack else 'OVER'}"
+        )
         print(
             f"{k:7} {min(wall[k]):7.2f} {min(wall[k]) / min(wall['plain']):7.3f} {min(cpu[k]):7.2f} {min(cpu[k]) / min(cpu['plain']):7.3f} "
             f"{mib(m):9.1f} {mib(m - plain_m):7.1f} {mib(peaks['glibc'][k]) if not on_gpu else float('nan'):10.1f}  {verdict}"
         )
     if wall_half:
         d_plain = min(wall["plain"]) - wall_half["plain"]
-        print(f"\nper-batch (marginal) cost, from {len(samples)} vs {len(half)} examples: wall ÷ plain's, and the fixed cost per map")
+        print(
+            f"\nper-batch (marginal) cost, from {len(samples)} vs {len(half)} examples: wall ÷ plain's, and the fixed cost per map"
+        )
         for k in kinds[1:]:
             d = min(wall[k]) - wall_half[k]
             fixed = min(wall[k]) - d * 2 - (min(wall["plain"]) - d_plain * 2)
             print(f"{k:7} marginal ÷plain {d / d_plain:6.3f}   fixed cost beyond plain's {fixed:6.2f} s")
-    print(f"\nwall s of every run: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)}" for k, v in wall.items()))
-    print(f"cpu s of every run: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)}" for k, v in cpu.items()))
+    print("\nwall s of every run: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)}" for k, v in wall.items()))
+    print("cpu s of every run: " + "; ".join(f"{k} {', '.join(f'{t:.2f}' for t in v)}" for k, v in cpu.items()))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def omni_style(model_name: str, encoder: str, records, batch_size: int, seed: in
     params = [p for p in list(model.llm.parameters()) + list(model.adaptor.parameters())]
     opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
     order = np.random.default_rng(seed).permutation(len(records))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     _sync()
     started = time.perf_counter()
     for i in range(0, len(order), batch_size):
@@ -70,7 +72,9 @@ def omni_style(model_name: str, encoder: str, records, batch_size: int, seed: in
             tokens = model.tokenize([Sample(speech=f, response=r.response, id=r.id) for f, r in zip(frames, batch)])
             logits = model.logits(tokens)
         labels = tokens.labels[:, 1:].to(device)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -91,7 +95,9 @@ def _placeholder_map(model_name: str, root: Path) -> Path:
     n_layers = llm.config.num_hidden_layers
     root.mkdir(parents=True, exist_ok=True)
     save_file({n: torch.zeros(p.shape) for n, p in llm.named_parameters()}, str(root / "importance.safetensors"))
-    (root / "summary.json").write_text(json.dumps({"layers": [{"layer": i, "sum": float(1 + (i * 7) % n_layers)} for i in range(n_layers)]}))
+    (root / "summary.json").write_text(
+        json.dumps({"layers": [{"layer": i, "sum": float(1 + (i * 7) % n_layers)} for i in range(n_layers)]})
+    )
     return root
 
 
@@ -119,7 +125,9 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=4, help="for the per-strategy step timing")
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps timed per strategy")
     parser.add_argument("--skip-omni", action="store_true", help="only the per-strategy timing")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a busy shared CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a busy shared CPU)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,7 +143,9 @@ def main() -> None:
     n = len(records)
     root = Path(tempfile.mkdtemp(prefix="textkeep-bench-train-"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    common = dict(model=args.model, encoder=args.encoder, data=data, spoken=manifest, limit=n, lr=2e-5, save_every=10**6)
+    common = dict(
+        model=args.model, encoder=args.encoder, data=data, spoken=manifest, limit=n, lr=2e-5, save_every=10**6
+    )
 
     def run(name: str, **kw) -> list[dict]:
         out = train(out=root / name, **common, **kw)
@@ -145,15 +155,27 @@ def main() -> None:
         rows = []
         if not args.skip_omni:
             encode_s = _encode_seconds(args.model, args.encoder, records, root / "cold-cache")
-            metrics = run("throughput", strategy="full", epochs=1, batch_size=args.batch_size, grad_accum=1, warmup_ratio=0.0)
+            metrics = run(
+                "throughput", strategy="full", epochs=1, batch_size=args.batch_size, grad_accum=1, warmup_ratio=0.0
+            )
             loop_s = sum(r["seconds"] for r in metrics)
             omni_s = omni_style(args.model, args.encoder, records, args.batch_size)
-            rows = [("textkeep, feature cache warm", n / loop_s), ("textkeep, incl. one-time encoding", n / (loop_s + encode_s)),
-                    ("LLaMA-Omni style (30 s pad, encoder every step)", n / omni_s)]
+            rows = [
+                ("textkeep, feature cache warm", n / loop_s),
+                ("textkeep, incl. one-time encoding", n / (loop_s + encode_s)),
+                ("LLaMA-Omni style (30 s pad, encoder every step)", n / omni_s),
+            ]
         steps = {}
         for strategy in ("full", "layer-lr", "lora"):
             extra = {"importance": _placeholder_map(args.model, root / "map")} if strategy == "layer-lr" else {}
-            metrics = run(strategy, strategy=strategy, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, **extra)
+            metrics = run(
+                strategy,
+                strategy=strategy,
+                max_steps=args.steps,
+                batch_size=args.batch_size,
+                grad_accum=args.grad_accum,
+                **extra,
+            )
             steps[strategy] = sum(r["seconds"] for r in metrics) / len(metrics)
     finally:
         shutil.rmtree(root, ignore_errors=True)

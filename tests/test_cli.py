@@ -47,8 +47,19 @@ def test_readme_commands_parse(capsys):
 
 
 def test_dashes_and_bare_flags_are_normalised():
-    assert cli._normalise_argv(["eval", "--max-new-tokens", "8", "--show"]) == ["eval", "--max_new_tokens", "8", "--show", "true"]
-    assert cli._normalise_argv(["eval", "--show", "false", "--batch-size=4"]) == ["eval", "--show", "false", "--batch_size=4"]
+    assert cli._normalise_argv(["eval", "--max-new-tokens", "8", "--show"]) == [
+        "eval",
+        "--max_new_tokens",
+        "8",
+        "--show",
+        "true",
+    ]
+    assert cli._normalise_argv(["eval", "--show", "false", "--batch-size=4"]) == [
+        "eval",
+        "--show",
+        "false",
+        "--batch_size=4",
+    ]
 
 
 def test_required_arguments_work_as_options_or_positionals():
@@ -60,7 +71,18 @@ def test_required_arguments_work_as_options_or_positionals():
 
 def test_user_errors_are_one_line_not_a_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "textkeep.cli", "answer", "--audio", str(tmp_path / "missing.wav"), "--model", "tiny-llama", "--encoder", "tiny-whisper"],
+        [
+            sys.executable,
+            "-m",
+            "textkeep.cli",
+            "answer",
+            "--audio",
+            str(tmp_path / "missing.wav"),
+            "--model",
+            "tiny-llama",
+            "--encoder",
+            "tiny-whisper",
+        ],
         capture_output=True,
         text=True,
         env={**__import__("os").environ, "TEXTKEEP_CACHE_DIR": str(tmp_path / "cache")},
@@ -72,7 +94,16 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path):
 @pytest.mark.real
 def test_answer_from_real_audio_end_to_end(data_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "textkeep.cli", "answer", "--audio", str(data_dir / "llama_questions" / "wav" / "1.wav"), "--max-new-tokens", "12"],
+        [
+            sys.executable,
+            "-m",
+            "textkeep.cli",
+            "answer",
+            "--audio",
+            str(data_dir / "llama_questions" / "wav" / "1.wav"),
+            "--max-new-tokens",
+            "12",
+        ],
         capture_output=True,
         text=True,
         timeout=600,

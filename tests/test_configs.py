@@ -24,11 +24,16 @@ def test_config_loads_and_names_its_command(path):
     assert isinstance(cfg, StudyConfig)
     first = path.read_text().splitlines()[0]
     rel = path.relative_to(ROOT).as_posix()
-    assert first.startswith("# ") and rel in first and ("textkeep study" in first or "textkeep.cli study" in first), first
+    assert first.startswith("# ") and rel in first and ("textkeep study" in first or "textkeep.cli study" in first), (
+        first
+    )
 
 
 def test_paper_settings_in_the_paper_profiles():
-    one_b, eight_b = load_config(ROOT / "configs/study/llama-3.2-1b.yaml"), load_config(ROOT / "configs/study/llama-3.1-8b.yaml")
+    one_b, eight_b = (
+        load_config(ROOT / "configs/study/llama-3.2-1b.yaml"),
+        load_config(ROOT / "configs/study/llama-3.1-8b.yaml"),
+    )
     assert one_b.train.lora_rank == 8 and eight_b.train.lora_rank == 16
     for cfg in (one_b, eight_b):
         assert cfg.train.lam == 0.4 and cfg.train.lr == 2e-5 and cfg.train.epochs == 3
@@ -37,7 +42,12 @@ def test_paper_settings_in_the_paper_profiles():
 
 @pytest.mark.parametrize(
     "text,match",
-    [("train: {lam: 1.5}", r"lam must be in \[0, 1\]"), ("train: {strategies: [full, magic]}", "magic"), ("trian: {}", "unknown config key"), ("data: {n_examples: 5, test_size: 10}", "must exceed")],
+    [
+        ("train: {lam: 1.5}", r"lam must be in \[0, 1\]"),
+        ("train: {strategies: [full, magic]}", "magic"),
+        ("trian: {}", "unknown config key"),
+        ("data: {n_examples: 5, test_size: 10}", "must exceed"),
+    ],
 )
 def test_bad_values_are_refused_with_the_fix(tmp_path, text, match):
     path = tmp_path / "bad.yaml"

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("flite") is None, reason="the study's TTS needs Debian's flite (make test installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("flite") is None, reason="the study's TTS needs Debian's flite (make test installs it)"
+)
 
 
 def _config(tmp: Path) -> Path:
@@ -36,12 +38,24 @@ def _comparable(results: dict) -> dict:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("study")
-    env = {**os.environ, "TEXTKEEP_CACHE_DIR": str(tmp / "cache"), "TEXTKEEP_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "TEXTKEEP_CACHE_DIR": str(tmp / "cache"),
+        "TEXTKEEP_DATA_DIR": str(data_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
     return tmp, _config(tmp), env
 
 
 def _study(config: Path, out: Path, env: dict, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "textkeep.cli", "study", str(config), "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "textkeep.cli", "study", str(config), "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +80,14 @@ def test_study_runs_every_stage_and_writes_the_report(finished):
     splits = json.loads((out / "data" / "splits.json").read_text())
     pool = [json.loads(line)["id"] for line in (out / "data" / "pool.jsonl").read_text().splitlines()]
     assert set(splits["train"]) | set(splits["test"]) == set(pool)  # training reads the saved pool, nothing else
-    assert json.loads((out / "train" / "full" / "train_config.json").read_text())["derived"]["n_examples"] == len(splits["train"])
+    assert json.loads((out / "train" / "full" / "train_config.json").read_text())["derived"]["n_examples"] == len(
+        splits["train"]
+    )
     layer_lr = json.loads((out / "train" / "layer-lr" / "layer_lr.json").read_text())
     assert len(layer_lr) == 4 and min(r["lr_scale"] for r in layer_lr) == pytest.approx(0.6)  # Eq. 3 with λ = 0.4
-    assert results["verdicts"] and all(v["verdict"] in ("reproduced", "not reproduced", "inconclusive") for v in results["verdicts"])
+    assert results["verdicts"] and all(
+        v["verdict"] in ("reproduced", "not reproduced", "inconclusive") for v in results["verdicts"]
+    )
 
 
 def test_rerun_skips_every_stage(shared, finished):
@@ -119,13 +137,24 @@ def test_report_opens_in_a_browser(finished, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = (out / "report" / "index.html").as_uri()
     dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table") >= 5 and dom.count("<img") == len(images)
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    subprocess.run(
+        [chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, timeout=120
+    )
     lo, hi = Image.open(shot).convert("L").getextrema()
     assert hi - lo > 100  # the page rendered text and figures, not a blank screen
 
@@ -152,8 +181,25 @@ def test_changed_config_redoes_a_stage_instead_of_resuming_it_and_force_redoes_e
         assert json.loads((out / "train" / run / "train_config.json").read_text())["args"]["lr"] == 5.0e-4
     predictions = out / "eval" / "full" / "predictions.jsonl"
     before = predictions.stat().st_mtime_ns
-    proc = subprocess.run([sys.executable, "-m", "textkeep.cli", "study", str(changed), "--out", str(out), "--only", "eval", "--force", "eval"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "textkeep.cli",
+            "study",
+            str(changed),
+            "--out",
+            str(out),
+            "--only",
+            "eval",
+            "--force",
+            "eval",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "eval: done" in proc.stdout and predictions.stat().st_mtime_ns > before
 
@@ -173,13 +219,27 @@ def test_response_cap_keeps_only_short_responses(data_dir, monkeypatch, tmp_path
     tok = AutoTokenizer.from_pretrained(resolve("tiny-llama"))
     lengths = [len(tok.encode(r.response, add_special_tokens=False)) for r in capped]
     assert len(capped) == 50 and max(lengths) <= 40
-    assert max(len(tok.encode(r.response, add_special_tokens=False)) for r in uncapped) > 40  # the cap removed something
+    assert (
+        max(len(tok.encode(r.response, add_special_tokens=False)) for r in uncapped) > 40
+    )  # the cap removed something
 
 
 def test_two_processes_train_together_and_run_the_other_stages_once(shared):
     tmp, config, env = shared
     out = tmp / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "textkeep.cli", "study", str(config), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "textkeep.cli",
+        "study",
+        str(config),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
@@ -190,11 +250,17 @@ def test_two_processes_train_together_and_run_the_other_stages_once(shared):
 
 
 def test_deactivation_without_norms_reaches_the_report(shared, finished):
-    out, _, log = _rerun_changed(shared, finished, "d", "analysis:\n", "analysis:\n  deactivation_include_norms: false\n")
+    out, _, log = _rerun_changed(
+        shared, finished, "d", "analysis:\n", "analysis:\n  deactivation_include_norms: false\n"
+    )
     assert "train: up to date" in log and "analysis: done" in log
     with_norms = json.loads((finished[0] / "report" / "results.json").read_text())["table1"]
     without = json.loads((out / "report" / "results.json").read_text())["table1"]
     assert with_norms["include_norms"] is True and without["include_norms"] is False
-    assert without["Full-FT"]["text"]["base"] == pytest.approx(with_norms["Full-FT"]["text"]["base"])  # same model and data
-    assert without["Full-FT"]["text"]["bottom"] != with_norms["Full-FT"]["text"]["bottom"]  # another set of entries removed
+    assert without["Full-FT"]["text"]["base"] == pytest.approx(
+        with_norms["Full-FT"]["text"]["base"]
+    )  # same model and data
+    assert (
+        without["Full-FT"]["text"]["bottom"] != with_norms["Full-FT"]["text"]["bottom"]
+    )  # another set of entries removed
     assert "norm weights left out" in (out / "report" / "index.html").read_text()

@@ -60,7 +60,7 @@ def answer(
     from textkeep.model.speech_llm import Sample, SpeechLLM, is_checkpoint
 
     if (text is None) == (audio is None):
-        raise TextkeepError("give exactly one of --text \"question\" or --audio FILE.wav")
+        raise TextkeepError('give exactly one of --text "question" or --audio FILE.wav')
     speech_llm = SpeechLLM.load(model) if is_checkpoint(model) else SpeechLLM.build(model, encoder if audio else None)
     if audio is not None:
         waveform = load_audio(audio)
@@ -119,12 +119,23 @@ def eval_qa(
     speech_llm = load_model(model, encoder if "s2t" in mode_list else None)
     loaded = time.time()
     metrics = evaluate(
-        speech_llm, set_list, mode_list, out, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, spoken=spoken, model_name=model, show=show
+        speech_llm,
+        set_list,
+        mode_list,
+        out,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        spoken=spoken,
+        model_name=model,
+        show=show,
     )
     print(results_table({model: metrics["results"]}))
     for scorer in ("has_answer", "contains"):
         parts = [
-            f"{s}/{m}: {100 * r[scorer]['accuracy']:.1f}% (n={r[scorer]['n']})" for s, by_mode in metrics["results"].items() for m, r in by_mode.items()
+            f"{s}/{m}: {100 * r[scorer]['accuracy']:.1f}% (n={r[scorer]['n']})"
+            for s, by_mode in metrics["results"].items()
+            for m, r in by_mode.items()
         ]
         print(f"{scorer:10} " + ", ".join(parts))
     print(f"model load {loaded - started:.1f} s, evaluation {time.time() - loaded:.1f} s; results in {out}/")
@@ -160,7 +171,14 @@ def speak(
         records = filter_records(records, max_query_words=max_query_words)
     out = Path(out) if out is not None else spoken_manifest(data).parent
     started = time.time()
-    manifest = speak_records(records, out, voices=[v.strip() for v in voices.split(",") if v.strip()], seed=seed, limit=limit, skip_bad=skip_bad)
+    manifest = speak_records(
+        records,
+        out,
+        voices=[v.strip() for v in voices.split(",") if v.strip()],
+        seed=seed,
+        limit=limit,
+        skip_bad=skip_bad,
+    )
     print(f"{manifest}: {sum(1 for _ in open(manifest))} utterances, {time.time() - started:.0f} s")
     return manifest
 
@@ -274,7 +292,11 @@ def _normalise_argv(argv: list[str]) -> list[str]:
             continue
         name, eq, value = arg[2:].partition("=")
         following = rest[i + 1] if i + 1 < len(rest) else None
-        if arg in flags and not eq and (following is None or following.lower() not in ("true", "false", "yes", "no", "1", "0")):
+        if (
+            arg in flags
+            and not eq
+            and (following is None or following.lower() not in ("true", "false", "yes", "no", "1", "0"))
+        ):
             options += [arg, "true"]
             i += 1
         elif name == "print_config" or eq:

@@ -22,7 +22,9 @@ def data_dir(required: bool = True) -> Path | None:
     if value:
         path = Path(value).expanduser()
         if not path.is_dir():
-            raise TextkeepError(f"TEXTKEEP_DATA_DIR={value} is not a directory; point it at the folder that holds llama_questions/, webquestions/ and alpaca/.")
+            raise TextkeepError(
+                f"TEXTKEEP_DATA_DIR={value} is not a directory; point it at the folder that holds llama_questions/, webquestions/ and alpaca/."
+            )
         return path
     if required:
         raise TextkeepError(

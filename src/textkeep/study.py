@@ -160,7 +160,9 @@ def _validate(cfg: StudyConfig) -> None:
     if cfg.train.lora_rank <= 0 or any(r <= 0 for r in cfg.train.lora_ranks):
         raise TextkeepError("LoRA ranks must be positive")
     if cfg.data.test_size < 1 or cfg.data.n_examples <= cfg.data.test_size:
-        raise TextkeepError(f"data.n_examples ({cfg.data.n_examples}) must exceed data.test_size ({cfg.data.test_size})")
+        raise TextkeepError(
+            f"data.n_examples ({cfg.data.n_examples}) must exceed data.test_size ({cfg.data.test_size})"
+        )
     if cfg.importance.mode not in ("paper", "abs", "fisher"):
         raise TextkeepError(f"importance.mode must be paper, abs or fisher, got {cfg.importance.mode!r}")
 
@@ -180,7 +182,9 @@ class Study:
         if stage not in self._hashes:
             keys, upstream = DEPENDS[stage]
             cfg = asdict(self.cfg)
-            self._hashes[stage] = _hash({"config": {k: cfg[k] for k in keys}, "upstream": [self.stage_hash(u) for u in upstream]})
+            self._hashes[stage] = _hash(
+                {"config": {k: cfg[k] for k in keys}, "upstream": [self.stage_hash(u) for u in upstream]}
+            )
         return self._hashes[stage]
 
     def done(self, stage: str) -> bool:
@@ -253,7 +257,13 @@ class Study:
             from textkeep.model.registry import resolve
 
             tokenizer = AutoTokenizer.from_pretrained(resolve(self.cfg.llm))
-        records = filter_records(load_dataset(d.train), max_query_words=d.max_query_words, max_response_tokens=d.max_response_tokens, tokenizer=tokenizer, dedupe=True)
+        records = filter_records(
+            load_dataset(d.train),
+            max_query_words=d.max_query_words,
+            max_response_tokens=d.max_response_tokens,
+            tokenizer=tokenizer,
+            dedupe=True,
+        )
         return records[: d.n_examples]
 
     def pool_file(self) -> Path:
@@ -265,7 +275,9 @@ class Study:
         from textkeep.data.datasets import attach_audio, load_dataset
         from textkeep.data.splits import apply_split_ids
 
-        records = attach_audio(load_dataset(str(self.pool_file())), self.spoken_dir(self.cfg.data.train) / "manifest.jsonl")
+        records = attach_audio(
+            load_dataset(str(self.pool_file())), self.spoken_dir(self.cfg.data.train) / "manifest.jsonl"
+        )
         return apply_split_ids(records, self.out / "data" / "splits.json")
 
     def spoken_sets(self) -> dict[str, str]:
@@ -274,7 +286,12 @@ class Study:
     def base_model(self, with_encoder: bool = True):
         from textkeep.model.speech_llm import SpeechLLM
 
-        model = SpeechLLM.build(self.cfg.llm, self.cfg.encoder if with_encoder else None, seed=self.cfg.seed, encoder_policy=self.cfg.encoder_policy)
+        model = SpeechLLM.build(
+            self.cfg.llm,
+            self.cfg.encoder if with_encoder else None,
+            seed=self.cfg.seed,
+            encoder_policy=self.cfg.encoder_policy,
+        )
         return on_device(model)
 
     def trained_model(self, name: str):
@@ -298,9 +315,16 @@ class Study:
         voices = [v.strip() for v in self.cfg.data.voices.split(",") if v.strip()]
         pool = self.pool()
         if len(pool) <= self.cfg.data.test_size:
-            raise TextkeepError(f"only {len(pool)} usable records in '{self.cfg.data.train}'; lower data.test_size or use a larger dataset")
+            raise TextkeepError(
+                f"only {len(pool)} usable records in '{self.cfg.data.train}'; lower data.test_size or use a larger dataset"
+            )
         speak(pool, self.spoken_dir(self.cfg.data.train), voices=voices, seed=self.cfg.seed)
-        splits = make_splits(pool, test_size=self.cfg.data.test_size, importance_fraction=self.cfg.data.importance_fraction, seed=self.cfg.seed)
+        splits = make_splits(
+            pool,
+            test_size=self.cfg.data.test_size,
+            importance_fraction=self.cfg.data.importance_fraction,
+            seed=self.cfg.seed,
+        )
         save_split_ids(splits, self.out / "data")
         # The pool itself, so that training reads exactly these records (and the results keep what they came from).
         rows = ({"id": r.id, "instruction": r.instruction, "response": r.response} for r in pool)
@@ -324,8 +348,15 @@ class Study:
         from textkeep.importance.compute import compute_importance
 
         records = records[: self.cfg.importance.limit]
-        imap = compute_importance(model, make_samples(model, records, modality), mode=self.cfg.importance.mode, batch_size=self.cfg.importance.batch_size)
-        imap.meta.update({"model": str(out.name), "dataset": self.cfg.data.train, "split": "importance", "seed": str(self.cfg.seed)})
+        imap = compute_importance(
+            model,
+            make_samples(model, records, modality),
+            mode=self.cfg.importance.mode,
+            batch_size=self.cfg.importance.batch_size,
+        )
+        imap.meta.update(
+            {"model": str(out.name), "dataset": self.cfg.data.train, "split": "importance", "seed": str(self.cfg.seed)}
+        )
         imap.save(out)
 
     def stage_base_importance(self) -> None:
@@ -345,7 +376,11 @@ class Study:
 
         t = self.cfg.train
         # Every process must agree on what is done and what resumes before any of them writes into a run folder.
-        todo = {name: (self.run_dir(name) / "train_config.json").is_file() for name in self.cfg.run_names() if not self.item_done("train", name)}
+        todo = {
+            name: (self.run_dir(name) / "train_config.json").is_file()
+            for name in self.cfg.run_names()
+            if not self.item_done("train", name)
+        }
         process_state().wait_for_everyone()
         for name, run in self.cfg.run_names().items():
             if name not in todo:
@@ -380,15 +415,24 @@ class Study:
         splits = self.splits()
         for name in self.trained():
             if not self.item_done("importance", name):
-                self._importance(self.trained_model(name), splits.importance, "text", self.out / "importance" / name / "map")
+                self._importance(
+                    self.trained_model(name), splits.importance, "text", self.out / "importance" / name / "map"
+                )
                 self.mark_item("importance", name)
         if "full" in self.trained() and not self.item_done("importance", "full-speech"):
-            self._importance(self.trained_model("full"), splits.importance, "speech", self.out / "importance" / "full-speech" / "map")
+            self._importance(
+                self.trained_model("full"), splits.importance, "speech", self.out / "importance" / "full-speech" / "map"
+            )
             self.mark_item("importance", "full-speech")
 
     def stage_analysis(self) -> None:
         from textkeep.data.samples import make_samples
-        from textkeep.importance.analysis import importance_change, importance_clusters, importance_layers, importance_shift
+        from textkeep.importance.analysis import (
+            importance_change,
+            importance_clusters,
+            importance_layers,
+            importance_shift,
+        )
         from textkeep.importance.deactivation import deactivation_markdown, deactivation_table
 
         out = self.out / "analysis"
@@ -401,32 +445,68 @@ class Study:
             importance_layers(maps[:2], labels[:2], out / "layers-fig2")
         mitigations = [i for i, s in enumerate(strategies, start=1) if s != "full"]
         if mitigations:  # the paper's Fig 3: the base against the mitigations
-            importance_layers([base] + [maps[i] for i in mitigations], [labels[0]] + [labels[i] for i in mitigations], out / "layers-fig3")
+            importance_layers(
+                [base] + [maps[i] for i in mitigations],
+                [labels[0]] + [labels[i] for i in mitigations],
+                out / "layers-fig3",
+            )
         if strategies:
             others = [self.out / "importance" / n / "map" for n in self.trained()]
             importance_shift(base, others, [LABELS.get(n, n) for n in self.trained()], out / "shift")
             halves = [self.out / "base-importance" / h / "map" for h in ("half-a", "half-b")]
             if self.cfg.importance.noise_floor and all(h.is_dir() for h in halves):
-                importance_shift(halves[0], [halves[1]], ["No-FT, other half of the importance split"], out / "shift-noise")
-            importance_change(self.cfg.llm, [str(self.run_dir(s)) for s in strategies], [LABELS[s] for s in strategies], self.cfg.analysis.layer, out=out / "change")
+                importance_shift(
+                    halves[0], [halves[1]], ["No-FT, other half of the importance split"], out / "shift-noise"
+                )
+            importance_change(
+                self.cfg.llm,
+                [str(self.run_dir(s)) for s in strategies],
+                [LABELS[s] for s in strategies],
+                self.cfg.analysis.layer,
+                out=out / "change",
+            )
         if "full" in strategies:
-            text_map, speech_map = self.out / "importance" / "full" / "map", self.out / "importance" / "full-speech" / "map"
-            importance_clusters([text_map, speech_map], ["text input", "speech input"], self.cfg.analysis.layer, out=out / "clusters")
+            text_map, speech_map = (
+                self.out / "importance" / "full" / "map",
+                self.out / "importance" / "full-speech" / "map",
+            )
+            importance_clusters(
+                [text_map, speech_map], ["text input", "speech input"], self.cfg.analysis.layer, out=out / "clusters"
+            )
             model = self.trained_model("full")
             test = self.splits().test[: self.cfg.analysis.deactivation_limit]
             samples = {"speech": make_samples(model, test, "speech"), "text": make_samples(model, test, "text")}
-            table = deactivation_table(model, text_map, samples, percent=self.cfg.analysis.deactivation_percent, scope=self.cfg.analysis.deactivation_scope, seed=self.cfg.seed,
-                                       include_norms=self.cfg.analysis.deactivation_include_norms)
-            write_json(out / "deactivation" / "deactivation.json",
-                       {"Full-FT": table, "percent": self.cfg.analysis.deactivation_percent, "n": len(test), "include_norms": self.cfg.analysis.deactivation_include_norms})
-            write_text(out / "deactivation" / "deactivation.md", deactivation_markdown({"Full-FT": table}, self.cfg.analysis.deactivation_percent))
+            table = deactivation_table(
+                model,
+                text_map,
+                samples,
+                percent=self.cfg.analysis.deactivation_percent,
+                scope=self.cfg.analysis.deactivation_scope,
+                seed=self.cfg.seed,
+                include_norms=self.cfg.analysis.deactivation_include_norms,
+            )
+            write_json(
+                out / "deactivation" / "deactivation.json",
+                {
+                    "Full-FT": table,
+                    "percent": self.cfg.analysis.deactivation_percent,
+                    "n": len(test),
+                    "include_norms": self.cfg.analysis.deactivation_include_norms,
+                },
+            )
+            write_text(
+                out / "deactivation" / "deactivation.md",
+                deactivation_markdown({"Full-FT": table}, self.cfg.analysis.deactivation_percent),
+            )
 
     def stage_eval(self) -> None:
         from textkeep.eval.qa import evaluate
 
         e = self.cfg.eval
         kw = dict(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, spoken=self.spoken_sets())
-        evaluate(self.base_model(with_encoder=False), e.sets, ["t2t"], self.out / "eval" / "no-ft", model_name="No-FT", **kw)
+        evaluate(
+            self.base_model(with_encoder=False), e.sets, ["t2t"], self.out / "eval" / "no-ft", model_name="No-FT", **kw
+        )
         for name in self.trained():
             evaluate(self.trained_model(name), e.sets, ["t2t", "s2t"], self.out / "eval" / name, model_name=name, **kw)
 

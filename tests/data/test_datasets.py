@@ -24,7 +24,9 @@ def test_llama_questions_real(data_dir):
     assert len(recs) == 300
     assert len({r.id for r in recs}) == 300
     assert all(r.audio is not None and r.audio.is_file() and r.audio.suffix == ".wav" for r in recs)
-    assert all(r.id == f"lq-{r.audio.stem}" and r.answers == (r.response,) and r.source == "llama-questions" for r in recs)
+    assert all(
+        r.id == f"lq-{r.audio.stem}" and r.answers == (r.response,) and r.source == "llama-questions" for r in recs
+    )
     for text in (t for r in recs for t in _all_text(r)):
         assert "\r" not in text and text == text.strip()
     by_id = {r.id: r for r in recs}
@@ -79,7 +81,11 @@ def _llama_dir(root: Path, rows: list[tuple[str, str, str]], wavs: list[str]) ->
 
 def test_llama_crlf_and_trailing_spaces(tmp_path, monkeypatch):
     # A TSV does not quote: a question that starts with `"` must keep it.
-    _llama_dir(tmp_path, [('"Hamlet" was written by whom? ', "Shakespeare ", "1.wav"), ("Capital of France?", "Paris", "2.wav ")], ["1.wav", "2.wav"])
+    _llama_dir(
+        tmp_path,
+        [('"Hamlet" was written by whom? ', "Shakespeare ", "1.wav"), ("Capital of France?", "Paris", "2.wav ")],
+        ["1.wav", "2.wav"],
+    )
     monkeypatch.setenv("TEXTKEEP_DATA_DIR", str(tmp_path))
     recs = load_dataset("llama-questions")
     assert [r.id for r in recs] == ["lq-1", "lq-2"]
@@ -104,7 +110,10 @@ def test_csv_with_field_mapping(tmp_path):
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "a.wav").write_bytes(b"RIFF")
     path = tmp_path / "qa.csv"
-    path.write_text('key,question,gold,clip\nq1,"Who wrote ""Hamlet"", the play?",Shakespeare|William Shakespeare,clips/a.wav\nq2,Largest ocean?, Pacific ,\n', encoding="utf-8")
+    path.write_text(
+        'key,question,gold,clip\nq1,"Who wrote ""Hamlet"", the play?",Shakespeare|William Shakespeare,clips/a.wav\nq2,Largest ocean?, Pacific ,\n',
+        encoding="utf-8",
+    )
     recs = load_dataset(str(path), fields={"id": "key", "instruction": "question", "answers": "gold", "audio": "clip"})
     assert [r.id for r in recs] == ["q1", "q2"]
     assert recs[0].instruction == 'Who wrote "Hamlet", the play?'
@@ -115,7 +124,10 @@ def test_csv_with_field_mapping(tmp_path):
 
 def test_json_list_answers(tmp_path):
     path = tmp_path / "qa.json"
-    path.write_text(json.dumps([{"id": 7, "instruction": "2+2?", "answers": ["4", " four "], "response": "It is 4."}]), encoding="utf-8")
+    path.write_text(
+        json.dumps([{"id": 7, "instruction": "2+2?", "answers": ["4", " four "], "response": "It is 4."}]),
+        encoding="utf-8",
+    )
     (rec,) = load_dataset(str(path))
     assert rec == Record(id="7", instruction="2+2?", response="It is 4.", answers=("4", "four"), source="qa")
 
@@ -137,6 +149,7 @@ def test_alpaca_style_jsonl_hash_ids(tmp_path):
 
 def _bad_cases(tmp_path: Path) -> dict[str, tuple[Path, dict | None, str]]:
     """name -> (file, fields, the row the message must name)."""
+
     def jsonl(name, rows):
         p = tmp_path / name
         p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -149,14 +162,29 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[Path, dict | None, str]]:
         "missing_file": (tmp_path / "nope.jsonl", None, ""),
         "non_utf8": (latin, None, "row 2"),
         "missing_field": (jsonl("nofield.jsonl", [ok, {"id": "b", "response": "x"}]), None, "row 2"),
-        "empty_instruction": (jsonl("empty.jsonl", [ok, ok | {"id": "b"}, {"id": "c", "instruction": "  "}]), None, "row 3"),
+        "empty_instruction": (
+            jsonl("empty.jsonl", [ok, ok | {"id": "b"}, {"id": "c", "instruction": "  "}]),
+            None,
+            "row 3",
+        ),
         "missing_wav": (jsonl("wav.jsonl", [ok | {"audio": "missing.wav"}]), None, "row 1"),
         "duplicate_id": (jsonl("dup.jsonl", [ok, ok]), None, "row 2"),
         "mapped_field_missing": (jsonl("map.jsonl", [ok]), {"answers": "gold"}, "row 1"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing_file", "non_utf8", "missing_field", "empty_instruction", "missing_wav", "duplicate_id", "mapped_field_missing"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_file",
+        "non_utf8",
+        "missing_field",
+        "empty_instruction",
+        "missing_wav",
+        "duplicate_id",
+        "mapped_field_missing",
+    ],
+)
 def test_bad_input_names_file_and_row(tmp_path, case):
     path, fields, row = _bad_cases(tmp_path)[case]
     with pytest.raises(TextkeepError) as err:
@@ -168,7 +196,12 @@ def test_bad_input_names_file_and_row(tmp_path, case):
 
 def test_skip_bad_writes_report(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    rows = [{"id": "a", "instruction": "Q1"}, {"id": "b", "instruction": ""}, {"id": "c"}, {"id": "d", "instruction": "Q4", "audio": "gone.wav"}]
+    rows = [
+        {"id": "a", "instruction": "Q1"},
+        {"id": "b", "instruction": ""},
+        {"id": "c"},
+        {"id": "d", "instruction": "Q4", "audio": "gone.wav"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n", encoding="utf-8")
     report = tmp_path / "out" / "bad.jsonl"
     recs = load_dataset(str(path), skip_bad=True, bad_report=report)
@@ -203,7 +236,10 @@ def test_attach_audio(tmp_path):
     (tmp_path / "tts" / "wav").mkdir(parents=True)
     (tmp_path / "tts" / "wav" / "1.wav").write_bytes(b"RIFF")
     manifest = tmp_path / "tts" / "manifest.jsonl"
-    rows = [{"id": "wq-1", "text": "q1", "audio": "wav/1.wav", "voice": "v", "seconds": 1.5, "sha256": "ab"}, {"id": "other", "text": "x", "audio": "wav/1.wav"}]
+    rows = [
+        {"id": "wq-1", "text": "q1", "audio": "wav/1.wav", "voice": "v", "seconds": 1.5, "sha256": "ab"},
+        {"id": "other", "text": "x", "audio": "wav/1.wav"},
+    ]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     with pytest.warns(UserWarning, match="no audio for 1 of 2"):
         out = attach_audio(recs, manifest)

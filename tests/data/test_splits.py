@@ -1,6 +1,7 @@
 import json
 import os
 import random
+
 import pytest
 
 from textkeep.data.datasets import load_dataset

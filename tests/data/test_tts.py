@@ -76,8 +76,41 @@ def test_phoneme_ids_of_known_ipa():
     id_map = tts.VOICES["piper:joe"].config["phoneme_id_map"]
     # By hand from the JSON: ^=1 _=0 ð=41 ɪ=74 s=31 ' '=3 z=38 ɐ=50 t=32 ˈ=120 ɛ=61 .=10 $=2;
     # BOS, pad, then each phoneme followed by pad, then EOS.
-    expected = [1, 0, 41, 0, 74, 0, 31, 0, 3, 0, 74, 0, 38, 0, 3, 0, 50, 0,
-                3, 0, 32, 0, 120, 0, 61, 0, 31, 0, 32, 0, 10, 0, 2]
+    expected = [
+        1,
+        0,
+        41,
+        0,
+        74,
+        0,
+        31,
+        0,
+        3,
+        0,
+        74,
+        0,
+        38,
+        0,
+        3,
+        0,
+        50,
+        0,
+        3,
+        0,
+        32,
+        0,
+        120,
+        0,
+        61,
+        0,
+        31,
+        0,
+        32,
+        0,
+        10,
+        0,
+        2,
+    ]
     assert tts.phoneme_ids("ðɪs ɪz ɐ tˈɛst.", id_map) == expected
 
 

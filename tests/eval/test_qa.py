@@ -21,7 +21,13 @@ def qa_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     rows = []
-    questions = ["What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?", "Hi?", "Name a planet."]
+    questions = [
+        "What is the capital of France?",
+        "Who wrote Hamlet?",
+        "How many legs does a spider have?",
+        "Hi?",
+        "Name a planet.",
+    ]
     for i, q in enumerate(questions):
         wav = tmp_path / f"q{i}.wav"
         sf.write(wav, (rng.standard_normal(int(16000 * (0.6 + 0.5 * i))) * 0.1).astype(np.float32), 16000)
@@ -64,7 +70,9 @@ def test_interrupted_run_resumes(tiny_model, qa_file, tmp_path, monkeypatch):
     (out / "predictions.jsonl").write_text(full[0] + "\n" + full[1] + "\n" + full[2][:10])
     asked = []
     original = tiny_model.generate
-    monkeypatch.setattr(tiny_model, "generate", lambda samples, **kw: asked.extend(s.id for s in samples) or original(samples, **kw))
+    monkeypatch.setattr(
+        tiny_model, "generate", lambda samples, **kw: asked.extend(s.id for s in samples) or original(samples, **kw)
+    )
     evaluate(tiny_model, [str(qa_file)], ["t2t"], out, max_new_tokens=5, batch_size=2, progress=False)
     done_before = {json.loads(full[0])["id"], json.loads(full[1])["id"]}
     assert sorted(asked) == sorted({f"q{i}" for i in range(5)} - done_before)

@@ -27,8 +27,7 @@ CASES = [
     ("The capital of France is Paris.", ["Paris"], True, True, "plain hit"),
     ("PARIS!", ["paris"], True, True, "case is ignored"),
     ("She was a Parisian painter.", ["Paris"], False, True, "token match vs substring"),
-    (NFC("He was born in São Paulo."), [NFD("São Paulo")], True, True,
-     "response NFC, gold NFD: same text"),
+    (NFC("He was born in São Paulo."), [NFD("São Paulo")], True, True, "response NFC, gold NFD: same text"),
     ("He was born in Sao Paulo.", ["São Paulo"], False, False, "accents must match"),
     ("Meet me at the cafe.", ["café"], False, False, "accents must match"),
     ("Meet me at the café.", ["cafe"], False, False, "accents must match, the other way round"),
@@ -51,8 +50,13 @@ CASES = [
     ("Paris", ["", " "], False, False, "blank gold answers never hit"),
     ("I read Ender's Game.", ["Ender's Game"], True, True, "apostrophe kept"),
     ("I read Enders Game.", ["Ender's Game"], False, False, "missing apostrophe"),
-    ("I read Ender\u2019s Game.", ["Ender's Game"], False, True,
-     "curly apostrophe: contains folds it, has_answer does not"),
+    (
+        "I read Ender\u2019s Game.",
+        ["Ender's Game"],
+        False,
+        True,
+        "curly apostrophe: contains folds it, has_answer does not",
+    ),
 ]
 
 
@@ -101,8 +105,9 @@ def _doc_rows():
     for line in (ROOT / "docs" / "scoring.md").read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 5 and cells[0].startswith("`"):
-            rows.append((json.loads(cells[0].strip("`")), json.loads(cells[1].strip("`")),
-                         yesno[cells[2]], yesno[cells[3]]))
+            rows.append(
+                (json.loads(cells[0].strip("`")), json.loads(cells[1].strip("`")), yesno[cells[2]], yesno[cells[3]])
+            )
     return rows
 
 
@@ -159,7 +164,9 @@ def test_summarize_matches_hand_count():
     assert set(out["llama_questions"]) == {"t2t", "s2t"} and set(out["web_questions"]) == {"s2t"}
     counts = {
         (s, m, k): (v["accuracy"], v["n"])
-        for s, by_m in out.items() for m, by_k in by_m.items() for k, v in by_k.items()
+        for s, by_m in out.items()
+        for m, by_k in by_m.items()
+        for k, v in by_k.items()
     }
     assert counts == {
         ("llama_questions", "t2t", "has_answer"): (1 / 3, 3),

@@ -39,7 +39,12 @@ def test_layer_shares_from_a_written_map(tiny_model, tmp_path):
     scores = _synthetic_scores(tiny_model.llm, 0)
     _map_from(scores, tmp_path / "m")
     shares = A.layer_shares(A.layer_sums_of(A.open_map(tmp_path / "m").summary()))
-    by_hand = np.array([sum(float(t.double().sum()) for k, t in scores.items() if k.startswith(f"model.layers.{i}.")) for i in range(4)])
+    by_hand = np.array(
+        [
+            sum(float(t.double().sum()) for k, t in scores.items() if k.startswith(f"model.layers.{i}."))
+            for i in range(4)
+        ]
+    )
     np.testing.assert_allclose(shares, by_hand / by_hand.sum(), rtol=1e-6)
     assert shares.sum() == pytest.approx(1.0)
     per_module = A.module_layer_shares(A.open_map(tmp_path / "m").summary())
@@ -168,7 +173,10 @@ def test_cluster_command_writes_figure_with_numbers(tiny_model, tmp_path):
     numbers = json.loads((out / "clusters.json").read_text())
     assert numbers["layer"] == 2  # the middle of 4
     assert set(numbers["panels"]) == {"text", "speech"} and len(numbers["panels"]["text"]) == 7
-    assert numbers["panels"]["text"]["q_proj"]["score"]["ratio_row"] > numbers["panels"]["speech"]["q_proj"]["score"]["ratio_row"]
+    assert (
+        numbers["panels"]["text"]["q_proj"]["score"]["ratio_row"]
+        > numbers["panels"]["speech"]["q_proj"]["score"]["ratio_row"]
+    )
     images = np.load(out / "clusters_images.npz")
     assert images["text/q_proj"].shape == (64, 64) and float(images["text/q_proj"].max()) == 1.0
 
@@ -176,14 +184,20 @@ def test_cluster_command_writes_figure_with_numbers(tiny_model, tmp_path):
 def test_layers_command_writes_figures_with_numbers(tiny_model, tmp_path):
     _map_from(_synthetic_scores(tiny_model.llm, 0), tmp_path / "base")
     _map_from(_synthetic_scores(tiny_model.llm, 1, {0: 4.0}), tmp_path / "full-ft")
-    out = A.importance_layers([tmp_path / "base", tmp_path / "full-ft"], labels=["Base", "Full-FT"], out=tmp_path / "layers", by_module=True)
+    out = A.importance_layers(
+        [tmp_path / "base", tmp_path / "full-ft"], labels=["Base", "Full-FT"], out=tmp_path / "layers", by_module=True
+    )
     for stem in ("layers", "layers_by_module"):
         for ext in ("png", "svg", "json"):
             assert (out / f"{stem}.{ext}").stat().st_size > 0
     numbers = json.loads((out / "layers.json").read_text())
     assert sum(numbers["shares"]["Base"]) == pytest.approx(1.0)
     assert numbers["peak_layer"]["Full-FT"] == 0
-    assert set(json.loads((out / "layers_by_module.json").read_text())["module_shares"]["Base"]) >= {"q_proj", "down_proj", "norms"}
+    assert set(json.loads((out / "layers_by_module.json").read_text())["module_shares"]["Base"]) >= {
+        "q_proj",
+        "down_proj",
+        "norms",
+    }
 
 
 # ---- parameter change ----------------------------------------------------------------------------------------------
@@ -197,10 +211,17 @@ def test_change_command_full_and_lora(tiny_model, tmp_path, monkeypatch):
         w[[1, 7, 9]] += 0.3
         w[:, [4, 40]] += 0.3
     tiny_model.save(tmp_path / "full")
-    lora = get_peft_model(tiny_model.llm, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = get_peft_model(
+        tiny_model.llm, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     tiny_model.llm = lora
     tiny_model.save(tmp_path / "lora")
-    out = A.importance_change(str(tmp_path / "base"), [str(tmp_path / "full"), str(tmp_path / "lora")], labels=["Full-FT", "LoRA"], out=tmp_path / "change")
+    out = A.importance_change(
+        str(tmp_path / "base"),
+        [str(tmp_path / "full"), str(tmp_path / "lora")],
+        labels=["Full-FT", "LoRA"],
+        out=tmp_path / "change",
+    )
     for ext in ("png", "svg", "json"):
         assert (out / f"change.{ext}").stat().st_size > 0
     panels = json.loads((out / "change.json").read_text())["panels"]

@@ -38,7 +38,10 @@ def _text(n=len(QUESTIONS)):
 
 def _speech(d_enc, n=len(QUESTIONS)):
     g = torch.Generator().manual_seed(1)
-    return [Sample(speech=torch.randn(10 + 7 * i, d_enc, generator=g), response=a, id=f"s{i}") for i, a in enumerate(ANSWERS[:n])]
+    return [
+        Sample(speech=torch.randn(10 + 7 * i, d_enc, generator=g), response=a, id=f"s{i}")
+        for i, a in enumerate(ANSWERS[:n])
+    ]
 
 
 def _grads(model, samples, scale):
@@ -103,7 +106,10 @@ def test_speech_flows_through_the_adaptor(tiny_model):
     m_text = compute_importance(tiny_model, text, batch_size=3, progress=False)
     assert m_speech.meta["modality"] == "speech" and m_text.meta["modality"] == "text"
     assert m_speech.scores.keys() == m_text.scores.keys()
-    assert not torch.allclose(m_speech.scores["model.layers.0.self_attn.q_proj.weight"], m_text.scores["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.allclose(
+        m_speech.scores["model.layers.0.self_attn.q_proj.weight"],
+        m_text.scores["model.layers.0.self_attn.q_proj.weight"],
+    )
     # brute force through the adaptor
     grads, _ = _grads(tiny_model, speech, lambda n: 1 / n)
     _close(m_speech.scores, {k: (grads[k] * p.detach()).abs() for k, p in _params(tiny_model).items()}, 1e-5)
@@ -111,8 +117,15 @@ def test_speech_flows_through_the_adaptor(tiny_model):
     with torch.no_grad():
         tiny_model.adaptor.proj[-1].weight.mul_(2)
     again = compute_importance(tiny_model, speech, batch_size=3, progress=False)
-    assert not torch.allclose(again.scores["model.layers.0.mlp.up_proj.weight"], m_speech.scores["model.layers.0.mlp.up_proj.weight"])
-    assert all(torch.equal(a, b) for a, b in zip(compute_importance(tiny_model, text, batch_size=3, progress=False).scores.values(), m_text.scores.values()))
+    assert not torch.allclose(
+        again.scores["model.layers.0.mlp.up_proj.weight"], m_speech.scores["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            compute_importance(tiny_model, text, batch_size=3, progress=False).scores.values(), m_text.scores.values()
+        )
+    )
     assert [p.requires_grad for p in tiny_model.adaptor.parameters()] == adaptor_flags
     assert all(p.grad is None for p in tiny_model.adaptor.parameters())
 
@@ -132,23 +145,44 @@ def test_keys_round_trip_and_summary(tiny_model, tmp_path):
     assert back.scores.keys() == imap.scores.keys() and all(torch.equal(back.scores[k], imap.scores[k]) for k in params)
     assert back.meta["n_tokens"] == imap.meta["n_tokens"] and back.meta["mode"] == "abs" and back.meta["seed"] == 3
     with safe_open(str(tmp_path / "map" / "importance.safetensors"), "pt") as f:
-        assert {"mode", "modality", "n_examples", "n_tokens", "model", "dataset", "split", "seed", "textkeep_version"} <= f.metadata().keys()
+        assert {
+            "mode",
+            "modality",
+            "n_examples",
+            "n_tokens",
+            "model",
+            "dataset",
+            "split",
+            "seed",
+            "textkeep_version",
+        } <= f.metadata().keys()
 
     raw = load_file(str(tmp_path / "map" / "importance.safetensors"))
     summary = json.loads((tmp_path / "map" / "summary.json").read_text())
     n_layers = tiny_model.llm.config.num_hidden_layers
-    want_layers = [sum(float(v.double().sum()) for k, v in raw.items() if k.startswith(f"model.layers.{i}.")) for i in range(n_layers)]
+    want_layers = [
+        sum(float(v.double().sum()) for k, v in raw.items() if k.startswith(f"model.layers.{i}."))
+        for i in range(n_layers)
+    ]
     assert [row["layer"] for row in summary["layers"]] == list(range(n_layers))
     assert [row["sum"] for row in summary["layers"]] == pytest.approx(want_layers, rel=1e-12)
     assert layer_sums(back) == pytest.approx(want_layers, rel=1e-12)
     assert summary["total"] == pytest.approx(sum(float(v.double().sum()) for v in raw.values()), rel=1e-12)
     assert set(summary["modules"]) == set(MODULES)
-    assert summary["modules"]["q_proj"] == pytest.approx(sum(float(v.double().sum()) for k, v in raw.items() if ".q_proj." in k), rel=1e-12)
-    assert summary["modules"]["norms"] == pytest.approx(sum(float(v.double().sum()) for k, v in raw.items() if "norm" in k), rel=1e-12)
-    assert summary["modules"]["embeddings"] == pytest.approx(float(raw["model.embed_tokens.weight"].double().sum()), rel=1e-12)
+    assert summary["modules"]["q_proj"] == pytest.approx(
+        sum(float(v.double().sum()) for k, v in raw.items() if ".q_proj." in k), rel=1e-12
+    )
+    assert summary["modules"]["norms"] == pytest.approx(
+        sum(float(v.double().sum()) for k, v in raw.items() if "norm" in k), rel=1e-12
+    )
+    assert summary["modules"]["embeddings"] == pytest.approx(
+        float(raw["model.embed_tokens.weight"].double().sum()), rel=1e-12
+    )
     assert summary["modules"]["head"] == 0.0  # tied: the head's weight is embed_tokens.weight
     row = summary["layer_modules"][2]
-    assert row["layer"] == 2 and row["down_proj"] == pytest.approx(float(raw["model.layers.2.mlp.down_proj.weight"].double().sum()), rel=1e-12)
+    assert row["layer"] == 2 and row["down_proj"] == pytest.approx(
+        float(raw["model.layers.2.mlp.down_proj.weight"].double().sum()), rel=1e-12
+    )
     assert sum(v for k, v in row.items() if k != "layer") == pytest.approx(want_layers[2], rel=1e-12)
 
 
@@ -180,7 +214,9 @@ def test_lora_is_scored_on_the_merged_weights(tiny_model):
     got = compute_importance(tiny_model, samples, batch_size=3, progress=False)
     assert list(got.scores) == list(want.scores)
     _close(got.scores, want.scores, 1e-5)
-    assert not torch.allclose(got.scores["model.layers.0.self_attn.q_proj.weight"], base_map.scores["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.allclose(
+        got.scores["model.layers.0.self_attn.q_proj.weight"], base_map.scores["model.layers.0.self_attn.q_proj.weight"]
+    )
     after = tiny_model.llm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the adapter model is untouched
     assert not any(p.requires_grad for k, p in tiny_model.llm.named_parameters() if "lora_" not in k)
@@ -195,8 +231,16 @@ def test_two_runs_are_bit_identical(tiny_model):
 
 def test_command_writes_the_same_map_twice(tmp_path):
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"id": f"r{i}", "instruction": q, "response": a}) + "\n" for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))))
-    outs = [importance_compute("tiny-llama", str(data), split="all", limit=5, batch_size=2, out=tmp_path / f"run{i}") for i in range(2)]
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "instruction": q, "response": a}) + "\n"
+            for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
+        )
+    )
+    outs = [
+        importance_compute("tiny-llama", str(data), split="all", limit=5, batch_size=2, out=tmp_path / f"run{i}")
+        for i in range(2)
+    ]
     a, b = (load_map(o) for o in outs)
     assert a.meta["n_examples"] == 5 and a.meta["dataset"] == str(data) and a.meta["split"] == "all"
     assert all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
@@ -208,12 +252,21 @@ def test_command_scores_speech_of_the_records_a_manifest_gives_audio(tmp_path, m
 
     monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"id": f"r{i}", "instruction": q, "response": a}) + "\n" for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))))
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "instruction": q, "response": a}) + "\n"
+            for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))
+        )
+    )
     rng = np.random.default_rng(0)
     for i in (0, 2, 3):
         sf.write(tmp_path / f"r{i}.wav", (0.1 * rng.standard_normal(12000)).astype("float32"), 16000)
-    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "audio": f"r{i}.wav"}) + "\n" for i in (0, 2, 3)))
-    args = dict(model="tiny-llama", data=str(data), modality="speech", split="all", batch_size=2, encoder="tiny-whisper")
+    (tmp_path / "manifest.jsonl").write_text(
+        "".join(json.dumps({"id": f"r{i}", "audio": f"r{i}.wav"}) + "\n" for i in (0, 2, 3))
+    )
+    args = dict(
+        model="tiny-llama", data=str(data), modality="speech", split="all", batch_size=2, encoder="tiny-whisper"
+    )
     with pytest.raises(TextkeepError, match="--spoken MANIFEST"):
         importance_compute(**args, out=tmp_path / "none")
     got = load_map(importance_compute(**args, spoken=tmp_path / "manifest.jsonl", out=tmp_path / "speech"))
@@ -271,9 +324,18 @@ def _ddp_worker(rank: int, out: str, world: int):
 
     from textkeep.model.tiny import build_tiny_llama, build_tiny_tokenizer
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), ACCELERATE_USE_CPU="yes", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        ACCELERATE_USE_CPU="yes",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="0",
+    )
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, store=torch.distributed.FileStore(f"{out}/rdv", world))
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=world, store=torch.distributed.FileStore(f"{out}/rdv", world)
+    )
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world and acc.process_index == rank
     model = _tiny_text_model(build_tiny_tokenizer, build_tiny_llama)
@@ -292,7 +354,9 @@ def _fsdp_worker(rank: int, out: str, world: int):
     from textkeep.model.tiny import build_tiny_llama, build_tiny_tokenizer
 
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, store=torch.distributed.FileStore(f"{out}/rdv-fsdp", world))
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=world, store=torch.distributed.FileStore(f"{out}/rdv-fsdp", world)
+    )
     mesh = init_device_mesh("cpu", (world,))
     model = _tiny_text_model(build_tiny_tokenizer, build_tiny_llama)
     loss = ImportanceLoss(model)
@@ -312,7 +376,14 @@ def _tiny_text_model(build_tiny_tokenizer, build_tiny_llama):
     from textkeep.model.speech_llm import SpeechLLM, SpeechLLMConfig
 
     tok = build_tiny_tokenizer()
-    return SpeechLLM(build_tiny_llama(tok), tok, None, None, SpeechAdaptor(1, 64, 5, 8), SpeechLLMConfig(llm="tiny-llama", encoder=""))
+    return SpeechLLM(
+        build_tiny_llama(tok),
+        tok,
+        None,
+        None,
+        SpeechAdaptor(1, 64, 5, 8),
+        SpeechLLMConfig(llm="tiny-llama", encoder=""),
+    )
 
 
 def test_ddp_two_cpu_processes_match_one(tmp_path):
@@ -339,7 +410,9 @@ def test_fsdp2_two_cpu_processes_match_one(tmp_path):
 
     from textkeep.model.tiny import build_tiny_llama, build_tiny_tokenizer
 
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "fsdp"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path), "fsdp"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = _tiny_text_model(build_tiny_tokenizer, build_tiny_llama)
     want = compute_importance(model, _text(6), mode="paper", batch_size=2, progress=False).scores

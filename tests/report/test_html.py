@@ -24,7 +24,13 @@ def test_seven_modules_need_all_seven():
 
 @pytest.mark.parametrize(
     "margin,noise,expected",
-    [(0.004, 0.001, "reproduced"), (-0.004, 0.001, "not reproduced"), (0.0005, 0.001, "inconclusive"), (-0.0005, 0.001, "inconclusive"), (0.004, None, "inconclusive")],
+    [
+        (0.004, 0.001, "reproduced"),
+        (-0.004, 0.001, "not reproduced"),
+        (0.0005, 0.001, "inconclusive"),
+        (-0.0005, 0.001, "inconclusive"),
+        (0.004, None, "inconclusive"),
+    ],
 )
 def test_shift_counts_only_beyond_the_noise_floor(margin, noise, expected):
     assert shift_verdict(margin, noise) == expected

@@ -23,7 +23,12 @@ from textkeep.model.speech_llm import Sample, SpeechLLM
 from textkeep.train.strategies import LORA_TARGETS, apply_lora, layer_lr_scales, param_groups
 from textkeep.train.trainer import SampleList, TrainConfig, fit, merge_lora, train
 
-RESPONSES = ["The capital of France is Paris.", "A spider has eight legs.", "William Shakespeare wrote Hamlet.", "Paris."]
+RESPONSES = [
+    "The capital of France is Paris.",
+    "A spider has eight legs.",
+    "William Shakespeare wrote Hamlet.",
+    "Paris.",
+]
 LAYER_SUMS = [4.0, 1.0, 3.0, 2.0]  # tiny-llama has 4 layers
 LAYER_SCALES = [0.6, 1.0, 1 - 0.4 * 2 / 3, 1 - 0.4 / 3]  # Eq. 3 by hand: 1 − 0.4·(I − 1)/(4 − 1)
 
@@ -46,7 +51,12 @@ def _cache(tmp_path, monkeypatch):
 def _data(model, n: int = 4) -> SampleList:
     g = torch.Generator().manual_seed(1)
     d = model.encoder.config.d_model
-    return SampleList([Sample(speech=torch.randn(25 + 5 * i, d, generator=g), response=RESPONSES[i % 4], id=f"s{i}") for i in range(n)])
+    return SampleList(
+        [
+            Sample(speech=torch.randn(25 + 5 * i, d, generator=g), response=RESPONSES[i % 4], id=f"s{i}")
+            for i in range(n)
+        ]
+    )
 
 
 def _fit(model, out, data=None, **kw):
@@ -61,7 +71,10 @@ def _metrics(out) -> list[dict]:
 def _write_map(llm, path: Path, sums=LAYER_SUMS, names=None) -> Path:
     path.mkdir(parents=True)
     params = dict(llm.named_parameters())
-    save_file({n: torch.rand(params[n].shape) if n in params else torch.rand(3) for n in (names or params)}, str(path / "importance.safetensors"))
+    save_file(
+        {n: torch.rand(params[n].shape) if n in params else torch.rand(3) for n in (names or params)},
+        str(path / "importance.safetensors"),
+    )
     (path / "summary.json").write_text(json.dumps({"layers": [{"layer": i, "sum": s} for i, s in enumerate(sums)]}))
     return path
 
@@ -83,12 +96,19 @@ def test_layer_lr_groups_and_schedule(tiny_model, tmp_path):
     named = dict(tiny_model.llm.named_parameters())
     for i, s in enumerate(LAYER_SCALES):
         assert by_name[f"layer.{i}"]["lr"] == pytest.approx(1e-3 * s)
-        assert {id(p) for p in by_name[f"layer.{i}"]["params"]} == {id(p) for n, p in named.items() if n.startswith(f"model.layers.{i}.")}
+        assert {id(p) for p in by_name[f"layer.{i}"]["params"]} == {
+            id(p) for n, p in named.items() if n.startswith(f"model.layers.{i}.")
+        }
     assert by_name["llm"]["lr"] == by_name["adaptor"]["lr"] == 1e-3  # embeddings, final norm: base rate
-    assert {n for n, p in named.items() if any(p is q for q in by_name["llm"]["params"])} == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert {n for n, p in named.items() if any(p is q for q in by_name["llm"]["params"])} == {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+    }
 
     imp = _write_map(tiny_model.llm, tmp_path / "map")
-    out = _fit(tiny_model, tmp_path / "run", strategy="layer-lr", importance=imp, lr=1e-3, max_steps=4, warmup_ratio=0.25)
+    out = _fit(
+        tiny_model, tmp_path / "run", strategy="layer-lr", importance=imp, lr=1e-3, max_steps=4, warmup_ratio=0.25
+    )
     assert [r["lr_scale"] for r in json.loads((out / "layer_lr.json").read_text())] == pytest.approx(LAYER_SCALES)
     # HF cosine with 1 warm-up step of 4: the update of step k uses factor 0, 1, (1+cos(π/3))/2, (1+cos(2π/3))/2.
     factors = [0.0, 1.0, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]
@@ -110,10 +130,16 @@ def test_lora_targets_and_trainable_set(tiny_model):
     apply_lora(tiny_model, rank=4)
     trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("adaptor.") for n in trainable)
-    assert {n for n, _ in tiny_model.adaptor.named_parameters()} == {n[len("adaptor.") :] for n in trainable if n.startswith("adaptor.")}
+    assert {n for n, _ in tiny_model.adaptor.named_parameters()} == {
+        n[len("adaptor.") :] for n in trainable if n.startswith("adaptor.")
+    }
     wrapped = {n for n, m in tiny_model.llm.named_modules() if isinstance(m, LoraLayer)}
     layers = tiny_model.llm.config.num_hidden_layers
-    expected = {f"layers.{i}.{'self_attn' if t.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{t}" for i in range(layers) for t in LORA_TARGETS}
+    expected = {
+        f"layers.{i}.{'self_attn' if t.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{t}"
+        for i in range(layers)
+        for t in LORA_TARGETS
+    }
     assert {n[n.index("layers.") :] for n in wrapped} == expected
     for n, m in tiny_model.llm.named_modules():
         if isinstance(m, LoraLayer):
@@ -138,7 +164,9 @@ def test_full_keeps_encoder_and_moves_llm_and_adaptor(tiny_model, tmp_path):
 @pytest.mark.parametrize("strategy", ["full", "layer-lr", "lora"])
 def test_loss_decreases_on_a_tiny_overfit_set(tiny_model, tmp_path, strategy):
     imp = _write_map(tiny_model.llm, tmp_path / "map") if strategy == "layer-lr" else None
-    out = _fit(tiny_model, tmp_path / "run", strategy=strategy, importance=imp, max_steps=25, batch_size=4, grad_accum=1)
+    out = _fit(
+        tiny_model, tmp_path / "run", strategy=strategy, importance=imp, max_steps=25, batch_size=4, grad_accum=1
+    )
     losses = [r["loss"] for r in _metrics(out)]
     # LoRA cannot move the frozen (tied) embedding and head of a random tiny LLM, so its floor is higher.
     assert np.mean(losses[-3:]) < (0.9 if strategy == "lora" else 0.5) * losses[0], losses
@@ -206,7 +234,9 @@ class _PoisonAfter(SampleList):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tiny_parts, tmp_path):
     data = _data(tiny_model)
     with pytest.raises(TextkeepError, match=r"loss is nan at step 3 \(micro-batch of samples s\d, s\d\).*step-2"):
-        _fit(tiny_model, tmp_path / "run", data=_PoisonAfter(data, 4), max_steps=5, save_every=1)  # 2 micro-batches a step
+        _fit(
+            tiny_model, tmp_path / "run", data=_PoisonAfter(data, 4), max_steps=5, save_every=1
+        )  # 2 micro-batches a step
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-1", "step-2"]
     state = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "trainable.safetensors"))
@@ -275,8 +305,16 @@ def _spoken_set(root: Path, n: int = 8) -> tuple[Path, Path]:
         wav = root / f"q{i}.wav"
         sf.write(wav, audio, 16000)
         rows.append({"id": f"q{i}", "instruction": f"question {i}", "response": RESPONSES[i % 4]})
-        manifest.append({"id": f"q{i}", "text": f"question {i}", "audio": wav.name, "voice": "tone", "seconds": len(t) / 16000,
-                         "sha256": hashlib.sha256(wav.read_bytes()).hexdigest()})
+        manifest.append(
+            {
+                "id": f"q{i}",
+                "text": f"question {i}",
+                "audio": wav.name,
+                "voice": "tone",
+                "seconds": len(t) / 16000,
+                "sha256": hashlib.sha256(wav.read_bytes()).hexdigest(),
+            }
+        )
     data, man = root / "data.jsonl", root / "manifest.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     man.write_text("".join(json.dumps(r) + "\n" for r in manifest))
@@ -291,17 +329,38 @@ def test_train_needs_spoken_records(tmp_path):
 
 
 def test_train_uses_the_split_and_limit(tmp_path):
-    from textkeep.data.splits import make_splits, save_split_ids
     from textkeep.data.datasets import load_dataset
+    from textkeep.data.splits import make_splits, save_split_ids
 
     data, manifest = _spoken_set(tmp_path / "set")
     splits = make_splits(load_dataset(str(data)), test_size=2, seed=0)
     save_split_ids(splits, tmp_path)
-    out = train(model="tiny-llama", encoder="tiny-whisper", data=str(data), spoken=manifest, split_file=tmp_path / "splits.json",
-                limit=4, out=tmp_path / "run", batch_size=2, grad_accum=1, max_steps=1, lr=1e-3)
+    out = train(
+        model="tiny-llama",
+        encoder="tiny-whisper",
+        data=str(data),
+        spoken=manifest,
+        split_file=tmp_path / "splits.json",
+        limit=4,
+        out=tmp_path / "run",
+        batch_size=2,
+        grad_accum=1,
+        max_steps=1,
+        lr=1e-3,
+    )
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["derived"]["n_examples"] == 4 and saved["args"]["limit"] == 4 and saved["args"]["strategy"] == "full"
-    assert set(saved["args"]) >= {"model", "encoder", "data", "spoken", "split_file", "lam", "lora_rank", "seed", "resume"}
+    assert set(saved["args"]) >= {
+        "model",
+        "encoder",
+        "data",
+        "spoken",
+        "split_file",
+        "lam",
+        "lora_rank",
+        "seed",
+        "resume",
+    }
     assert SpeechLLM.load(out).config.extra["examples"] == 4
     with pytest.raises(TextkeepError, match="resume=True"):  # a second run into the same folder
         train(model="tiny-llama", encoder="tiny-whisper", data=str(data), spoken=manifest, out=out)
@@ -335,8 +394,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
     def start(out, resume, sleep):
-        return subprocess.Popen([sys.executable, str(script), str(out), resume, str(sleep), str(data), str(manifest)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(out), resume, str(sleep), str(data), str(manifest)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     reference = start(tmp_path / "ref", "0", 0)
     victim = start(tmp_path / "killed", "0", 0.3)

@@ -37,7 +37,10 @@ BUILTIN = ("llama-questions", "web-questions", *_ALPACA_FILES)
 
 # Column names of the hub copies (split, field map), used when the caller gives no `fields`.
 _HUB = {
-    "fixie-ai/llama-questions": ("test", {"instruction": "question", "answers": "answer", "response": "answer", "audio": "audio"}),
+    "fixie-ai/llama-questions": (
+        "test",
+        {"instruction": "question", "answers": "answer", "response": "answer", "audio": "audio"},
+    ),
     "chiuanhsiao/spoken-web-questions": ("test", {"instruction": "question", "answers": "answers", "audio": "audio"}),
     "vicgalle/alpaca-gpt4": ("train", {"instruction": "instruction", "input": "input", "response": "output"}),
 }
@@ -105,7 +108,11 @@ def load_dataset(
         spec = _builtin_spec(name, split)
         return _load(spec, _read_rows(spec.path), skip_bad, bad_report)
     path = Path(name_or_path).expanduser()
-    if path.exists() or path.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv") or name_or_path.startswith((".", "/", "~")):
+    if (
+        path.exists()
+        or path.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv")
+        or name_or_path.startswith((".", "/", "~"))
+    ):
         rows = _read_rows(path)
         first = next(rows, None)  # the first row's columns decide the default field mapping
         spec = _file_spec(path, fields, first[2] if first else None)
@@ -129,10 +136,14 @@ def attach_audio(records: list[Record], manifest_path: Path) -> list[Record]:
     for row, line, raw in _read_rows(manifest_path, fmt="jsonl"):
         where = f"{manifest_path}, row {row} (line {line})"
         if isinstance(raw, _BadRow) or not isinstance(raw, dict) or not raw.get("id") or not raw.get("audio"):
-            raise TextkeepError(f"{where}: not a manifest row with `id` and `audio`; re-run `textkeep speak` to rebuild the manifest.")
+            raise TextkeepError(
+                f"{where}: not a manifest row with `id` and `audio`; re-run `textkeep speak` to rebuild the manifest."
+            )
         audio = _resolve(str(raw["audio"]), manifest_path.parent)
         if not audio.is_file():
-            raise TextkeepError(f"{where}, id {raw['id']}: audio file {audio} does not exist; re-run `textkeep speak` or restore the file.")
+            raise TextkeepError(
+                f"{where}, id {raw['id']}: audio file {audio} does not exist; re-run `textkeep speak` or restore the file."
+            )
         by_id[str(raw["id"])] = (audio, {k: raw[k] for k in ("voice", "seconds", "sha256") if k in raw})
     out, missing = [], 0
     for rec in records:
@@ -143,7 +154,10 @@ def attach_audio(records: list[Record], manifest_path: Path) -> list[Record]:
         else:
             out.append(replace(rec, audio=hit[0], meta={**rec.meta, **hit[1]}))
     if missing:
-        warnings.warn(f"{manifest_path} has no audio for {missing} of {len(records)} records; they keep their previous audio.", stacklevel=2)
+        warnings.warn(
+            f"{manifest_path} has no audio for {missing} of {len(records)} records; they keep their previous audio.",
+            stacklevel=2,
+        )
     return out
 
 
@@ -180,7 +194,9 @@ def filter_records(
     normalised instruction (case, Unicode form, punctuation and spacing ignored).
     """
     if max_response_tokens is not None and tokenizer is None:
-        raise TextkeepError("filter_records: max_response_tokens needs a tokenizer; pass tokenizer= (the LLM's) or drop the limit.")
+        raise TextkeepError(
+            "filter_records: max_response_tokens needs a tokenizer; pass tokenizer= (the LLM's) or drop the limit."
+        )
     seen: set[str] = set()
     out = []
     for rec in records:
@@ -232,7 +248,9 @@ def _builtin_spec(name: str, split: str) -> _Spec:
     if name == "web-questions":
         split = split or "test"
         if split not in _WQ_SPLITS:
-            raise TextkeepError(f"Unknown Web Questions split {split!r}; use one of: {', '.join('web-questions:' + s for s in _WQ_SPLITS)}.")
+            raise TextkeepError(
+                f"Unknown Web Questions split {split!r}; use one of: {', '.join('web-questions:' + s for s in _WQ_SPLITS)}."
+            )
         return _Spec(
             _builtin_file(root / "webquestions" / _WQ_SPLITS[split]),
             "web-questions",
@@ -254,14 +272,18 @@ def _builtin_spec(name: str, split: str) -> _Spec:
 
 def _builtin_file(path: Path) -> Path:
     if not path.is_file():
-        raise TextkeepError(f"{path} not found: TEXTKEEP_DATA_DIR must point at the shared data folder laid out as in its README.md (llama_questions/, webquestions/, alpaca/).")
+        raise TextkeepError(
+            f"{path} not found: TEXTKEEP_DATA_DIR must point at the shared data folder laid out as in its README.md (llama_questions/, webquestions/, alpaca/)."
+        )
     return path
 
 
 def _file_spec(path: Path, fields: dict[str, str] | None, first: Any) -> _Spec:
     unknown = set(fields or ()) - set(FIELDS)
     if unknown:
-        raise TextkeepError(f"fields= has unknown names {sorted(unknown)}; use only {', '.join(FIELDS)} (our name -> your column).")
+        raise TextkeepError(
+            f"fields= has unknown names {sorted(unknown)}; use only {', '.join(FIELDS)} (our name -> your column)."
+        )
     columns = set(first) if isinstance(first, dict) else set()
     mapping = {k: k for k in FIELDS}
     if "output" in columns and "response" not in columns:  # Alpaca-style
@@ -278,9 +300,13 @@ def _read_rows(path: Path, fmt: str | None = None) -> Iterator[tuple[int, int | 
     """Yield (1-based row, line or None, row dict / raw value / _BadRow) from a JSON, JSONL, CSV or TSV file."""
     fmt = fmt or path.suffix.lower().lstrip(".")
     if fmt not in ("json", "jsonl", "csv", "tsv"):
-        raise TextkeepError(f"{path}: unsupported file type {path.suffix!r}; use .json (a list of objects), .jsonl, .csv or .tsv.")
+        raise TextkeepError(
+            f"{path}: unsupported file type {path.suffix!r}; use .json (a list of objects), .jsonl, .csv or .tsv."
+        )
     if not path.is_file():
-        raise TextkeepError(f"{path} not found; check the path (relative paths are from the current folder {Path.cwd()}).")
+        raise TextkeepError(
+            f"{path} not found; check the path (relative paths are from the current folder {Path.cwd()})."
+        )
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -295,7 +321,9 @@ def _read_rows(path: Path, fmt: str | None = None) -> Iterator[tuple[int, int | 
 def _flag_undecoded(item: tuple[int, int | None, Any]) -> tuple[int, int | None, Any]:
     row, line, raw = item
     if not isinstance(raw, _BadRow) and _UNDECODED.search(json.dumps(raw, ensure_ascii=False)):
-        raw = _BadRow("has bytes that are not valid UTF-8", "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+        raw = _BadRow(
+            "has bytes that are not valid UTF-8", "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        )
     return row, line, raw
 
 
@@ -304,9 +332,13 @@ def _parse_rows(path: Path, fmt: str, text: str) -> Iterator[tuple[int, int | No
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise TextkeepError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix the file there.") from None
+            raise TextkeepError(
+                f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix the file there."
+            ) from None
         if not isinstance(data, list):
-            raise TextkeepError(f"{path}: expected a JSON list of objects, got {type(data).__name__}; wrap the rows in [...] or use JSONL.")
+            raise TextkeepError(
+                f"{path}: expected a JSON list of objects, got {type(data).__name__}; wrap the rows in [...] or use JSONL."
+            )
         yield from ((i, None, row) for i, row in enumerate(data, 1))
     elif fmt == "jsonl":
         row = 0
@@ -327,7 +359,9 @@ def _parse_rows(path: Path, fmt: str, text: str) -> Iterator[tuple[int, int | No
             yield i, reader.line_num, raw
 
 
-def _load(spec: _Spec, rows: Iterator[tuple[int, int | None, Any]], skip_bad: bool, bad_report: Path | None) -> list[Record]:
+def _load(
+    spec: _Spec, rows: Iterator[tuple[int, int | None, Any]], skip_bad: bool, bad_report: Path | None
+) -> list[Record]:
     records: list[Record] = []
     bad: list[dict] = []
     seen: dict[str, int] = {}
@@ -349,16 +383,23 @@ def _load(spec: _Spec, rows: Iterator[tuple[int, int | None, Any]], skip_bad: bo
             records.append(rec)
         except _BadRow as e:
             rec_id = rec_id or _raw_id(spec, raw)
-            where = f"{spec.path}, row {row}" + (f" (line {line})" if line else "") + (f", id {rec_id}" if rec_id else "")
+            where = (
+                f"{spec.path}, row {row}" + (f" (line {line})" if line else "") + (f", id {rec_id}" if rec_id else "")
+            )
             if not skip_bad:
-                raise TextkeepError(f"{where}: {e.reason}. Fix: {e.fix}, or pass skip_bad=True to skip bad rows.") from None
+                raise TextkeepError(
+                    f"{where}: {e.reason}. Fix: {e.fix}, or pass skip_bad=True to skip bad rows."
+                ) from None
             bad.append({"file": str(spec.path), "row": row, "line": line, "id": rec_id, "reason": e.reason})
     if n_rows == 0:
         raise TextkeepError(f"{spec.path} has no rows; check that it is the right file and not empty.")
     if skip_bad and bad_report is not None:
         write_text(bad_report, "".join(json.dumps(b) + "\n" for b in bad))  # ASCII: undecodable ids stay writable
     elif bad:
-        warnings.warn(f"{spec.path}: skipped {len(bad)} bad rows (first: row {bad[0]['row']}, {bad[0]['reason']}); pass bad_report= to list them.", stacklevel=3)
+        warnings.warn(
+            f"{spec.path}: skipped {len(bad)} bad rows (first: row {bad[0]['row']}, {bad[0]['reason']}); pass bad_report= to list them.",
+            stacklevel=3,
+        )
     return records
 
 
@@ -372,14 +413,19 @@ def _build(spec: _Spec, row: int, raw: Any) -> Record:
     if isinstance(raw, _BadRow):
         raise raw
     if not isinstance(raw, dict):
-        raise _BadRow(f"is a {type(raw).__name__}, not an object with named fields", "make every row an object like {\"instruction\": ...}")
+        raise _BadRow(
+            f"is a {type(raw).__name__}, not an object with named fields",
+            'make every row an object like {"instruction": ...}',
+        )
 
     def get(name: str) -> Any:
         col = spec.fields.get(name)
         value = raw.get(col) if col is not None else None
         if value is None:
             if name in spec.required:
-                raise _BadRow(f"has no {col!r} field", f"add {col!r}, or map another column with fields={{{name!r}: ...}}")
+                raise _BadRow(
+                    f"has no {col!r} field", f"add {col!r}, or map another column with fields={{{name!r}: ...}}"
+                )
             return None
         if isinstance(value, (dict, list)) and name != "answers":
             raise _BadRow(f"field {col!r} is a {type(value).__name__}, not text", f"make {col!r} a string")
@@ -404,7 +450,9 @@ def _build(spec: _Spec, row: int, raw: Any) -> Record:
     if audio_value:
         audio = _resolve(audio_value, spec.audio_dir or spec.path.parent)
         if not audio.is_file():
-            raise _BadRow(f"audio file {audio} does not exist", f"restore the WAV or fix the path in {spec.fields['audio']!r}")
+            raise _BadRow(
+                f"audio file {audio} does not exist", f"restore the WAV or fix the path in {spec.fields['audio']!r}"
+            )
 
     if spec.id_from == "audio":
         rec_id = spec.id_prefix + audio.stem
@@ -459,7 +507,9 @@ def _load_hub(name: str, split: str, fields: dict[str, str] | None) -> list[Reco
     try:
         import datasets as hf  # optional, and slow to import
     except ImportError:
-        raise TextkeepError(f"{name!r} looks like a Hugging Face hub id, but the `datasets` library is not installed; {fix}.") from None
+        raise TextkeepError(
+            f"{name!r} looks like a Hugging Face hub id, but the `datasets` library is not installed; {fix}."
+        ) from None
     default_split, default_fields = _HUB.get(name, ("train", {}))
     split = split or default_split
     try:

@@ -27,7 +27,9 @@ def encoder_fingerprint(model) -> str:
     h = hashlib.sha256()
     for t in (enc.conv1.weight, enc.layers[-1].fc2.weight, enc.layer_norm.weight):
         h.update(t.detach().float().cpu().numpy().tobytes())
-    h.update(f"{enc.config.d_model}/{len(enc.layers)}/{model.config.encoder_policy}/{model.config.keep_padding}".encode())
+    h.update(
+        f"{enc.config.d_model}/{len(enc.layers)}/{model.config.encoder_policy}/{model.config.keep_padding}".encode()
+    )
     return h.hexdigest()[:16]
 
 
@@ -51,7 +53,12 @@ class FeatureCache:
             frames = load_file(str(path))["frames"]
         except Exception:  # a damaged entry (header or payload): recompute it
             return None
-        if frames.ndim != 2 or frames.shape[1] != self.d_model or frames.shape[0] == 0 or not torch.isfinite(frames).all():
+        if (
+            frames.ndim != 2
+            or frames.shape[1] != self.d_model
+            or frames.shape[0] == 0
+            or not torch.isfinite(frames).all()
+        ):
             return None
         return frames.float()
 
@@ -59,7 +66,9 @@ class FeatureCache:
         from safetensors.torch import save_file
 
         with atomic_path(self._path(key)) as tmp:
-            save_file({"frames": frames.to(torch.float16).contiguous()}, str(tmp), metadata={"fingerprint": self.fingerprint})
+            save_file(
+                {"frames": frames.to(torch.float16).contiguous()}, str(tmp), metadata={"fingerprint": self.fingerprint}
+            )
 
     def frames(self, records: Sequence[Record], batch_size: int = 8, progress: bool = True) -> list[torch.Tensor]:
         """Encoder frames for each record's audio: from the cache, or computed (in batches) and stored."""
@@ -89,7 +98,9 @@ class FeatureCache:
                 frames = frames.cpu()  # cached frames live on the CPU wherever the encoder ran, as cache reads do
                 keys[i] = keys[i] or file_sha256(Path(records[i].audio))
                 self.put(keys[i], frames)
-                out[i] = frames.to(torch.float16).float()  # what a later cache read returns, so cold and warm runs agree
+                out[i] = frames.to(
+                    torch.float16
+                ).float()  # what a later cache read returns, so cold and warm runs agree
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]

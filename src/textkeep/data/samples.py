@@ -10,7 +10,9 @@ from textkeep.errors import TextkeepError
 MODALITIES = ("text", "speech")
 
 
-def make_samples(model, records: Sequence[Record], modality: str, *, with_response: bool = True, cache=None, progress: bool = True):
+def make_samples(
+    model, records: Sequence[Record], modality: str, *, with_response: bool = True, cache=None, progress: bool = True
+):
     """`text`: the transcript goes through the text path. `speech`: the audio goes through encoder and adaptor
     (frames read from, or added to, the feature cache)."""
     from textkeep.data.features import FeatureCache
@@ -20,7 +22,9 @@ def make_samples(model, records: Sequence[Record], modality: str, *, with_respon
         raise TextkeepError(f"modality must be one of {MODALITIES}, got {modality!r}")
     if with_response and any(not r.response for r in records):
         bad = next(r.id for r in records if not r.response)
-        raise TextkeepError(f"record '{bad}' has no reference response; loss and perplexity need one (check the dataset's response field)")
+        raise TextkeepError(
+            f"record '{bad}' has no reference response; loss and perplexity need one (check the dataset's response field)"
+        )
     response = (lambda r: r.response) if with_response else (lambda r: None)
     if modality == "text":
         return [Sample(text=r.instruction, response=response(r), id=r.id) for r in records]

@@ -191,5 +191,11 @@ def _write_wav(out_dir: Path, rec: Record, voice: str, audio: np.ndarray) -> dic
         tmp.write_bytes(data)
     seconds = round(len(audio) / SAMPLE_RATE, 3)
     sha = hashlib.sha256(data).hexdigest()
-    return {"id": rec.id, "text": rec.instruction, "audio": rel.as_posix(), "voice": voice, "seconds": seconds,
-            "sha256": sha}
+    return {
+        "id": rec.id,
+        "text": rec.instruction,
+        "audio": rel.as_posix(),
+        "voice": voice,
+        "seconds": seconds,
+        "sha256": sha,
+    }

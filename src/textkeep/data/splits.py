@@ -29,7 +29,9 @@ def _rank(seed: int, salt: str, rec_id: str) -> bytes:
     return hashlib.sha256(f"{seed}\x1f{salt}\x1f{rec_id}".encode()).digest()
 
 
-def make_splits(records: list[Record], *, test_size: int = 500, importance_fraction: float = 1 / 30, seed: int = 0) -> Splits:
+def make_splits(
+    records: list[Record], *, test_size: int = 500, importance_fraction: float = 1 / 30, seed: int = 0
+) -> Splits:
     """Split `records` into disjoint train and test sets and pick the importance subset of train.
 
     Each record is ranked by a hash of (seed, id): the `test_size` lowest go to test. This depends
@@ -41,13 +43,19 @@ def make_splits(records: list[Record], *, test_size: int = 500, importance_fract
     if not records:
         raise TextkeepError("make_splits got no records; load a data set first (did a filter drop everything?).")
     if test_size < 0 or not 0 < importance_fraction <= 1:
-        raise TextkeepError(f"make_splits: need test_size >= 0 and 0 < importance_fraction <= 1, got {test_size} and {importance_fraction}.")
+        raise TextkeepError(
+            f"make_splits: need test_size >= 0 and 0 < importance_fraction <= 1, got {test_size} and {importance_fraction}."
+        )
     ids = [r.id for r in records]
     dup = next((i for i, n in Counter(ids).items() if n > 1), None)
     if dup is not None:
-        raise TextkeepError(f"make_splits: id {dup!r} occurs more than once, so train and test could not be kept apart; give every record a unique id.")
+        raise TextkeepError(
+            f"make_splits: id {dup!r} occurs more than once, so train and test could not be kept apart; give every record a unique id."
+        )
     if test_size > len(records) // 2:
-        warnings.warn(f"test_size={test_size} is too large for {len(records)} records; using {len(records) // 2}.", stacklevel=2)
+        warnings.warn(
+            f"test_size={test_size} is too large for {len(records)} records; using {len(records) // 2}.", stacklevel=2
+        )
         test_size = len(records) // 2
     test_ids = set(sorted(ids, key=lambda i: _rank(seed, "test", i))[:test_size])
     train = [r for r in records if r.id not in test_ids]
@@ -64,12 +72,15 @@ def make_splits(records: list[Record], *, test_size: int = 500, importance_fract
 def save_split_ids(splits: Splits, out_dir: Path) -> Path:
     """Write `out_dir/splits.json` ({"seed", "test", "train", "importance"}: lists of ids) atomically."""
     path = Path(out_dir) / SPLITS_FILE
-    write_json(path, {
-        "seed": splits.seed,
-        "test": [r.id for r in splits.test],
-        "train": [r.id for r in splits.train],
-        "importance": [r.id for r in splits.importance],
-    })
+    write_json(
+        path,
+        {
+            "seed": splits.seed,
+            "test": [r.id for r in splits.test],
+            "train": [r.id for r in splits.train],
+            "importance": [r.id for r in splits.importance],
+        },
+    )
     return path
 
 
@@ -81,11 +92,15 @@ def load_split_ids(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TextkeepError(f"{path} not found; run make_splits + save_split_ids first, or point at the run folder that has it.") from None
+        raise TextkeepError(
+            f"{path} not found; run make_splits + save_split_ids first, or point at the run folder that has it."
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TextkeepError(f"{path} is not valid JSON ({e}); delete it and save the splits again.") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("test", "train", "importance")):
-        raise TextkeepError(f"{path} lacks the 'test', 'train' and 'importance' id lists; delete it and save the splits again.")
+        raise TextkeepError(
+            f"{path} lacks the 'test', 'train' and 'importance' id lists; delete it and save the splits again."
+        )
     return data
 
 

@@ -29,7 +29,13 @@ def spoken_manifest(set_name: str) -> Path:
     return cache_dir() / "spoken" / set_name / "manifest.jsonl"
 
 
-def load_qa_set(set_name: str, spoken: dict[str, str] | None = None, need_audio: bool = False, partial: bool = False, limit: int | None = None):
+def load_qa_set(
+    set_name: str,
+    spoken: dict[str, str] | None = None,
+    need_audio: bool = False,
+    partial: bool = False,
+    limit: int | None = None,
+):
     """A dataset's records; with need_audio, sets without recorded speech get the audio of their synthesized
     manifest, and every record must have audio (partial=True: keep only those that do)."""
     from textkeep.data.datasets import attach_audio, load_dataset
@@ -47,7 +53,9 @@ def load_qa_set(set_name: str, spoken: dict[str, str] | None = None, need_audio:
         if partial:
             return [r for r in records if r.audio is not None]
         if missing:
-            raise TextkeepError(f"{len(missing)} questions of '{set_name}' have no audio in '{manifest}' (first: {missing[0]}); finish it with `textkeep speak`.")
+            raise TextkeepError(
+                f"{len(missing)} questions of '{set_name}' have no audio in '{manifest}' (first: {missing[0]}); finish it with `textkeep speak`."
+            )
     return records
 
 
@@ -123,7 +131,9 @@ def evaluate(
                             rows.append(row)
                             if show:
                                 mark = "✓" if row["correct"]["has_answer"] else "✗"
-                                bar.write(f"{mark} {r.instruction}\n    → {prediction!r}  (gold: {' | '.join(r.answers)})")
+                                bar.write(
+                                    f"{mark} {r.instruction}\n    → {prediction!r}  (gold: {' | '.join(r.answers)})"
+                                )
                         sink.flush()
                         os.fsync(sink.fileno())
                         bar.update(len(idx))
@@ -153,7 +163,9 @@ def results_table(results_by_model: dict[str, dict], scorer: str = "has_answer")
         for s, m in cols:
             cell = res.get(s, {}).get(m, {}).get(scorer)
             cells.append(
-                f"{100 * cell['accuracy']:.1f} [{100 * cell['ci95'][0]:.1f}, {100 * cell['ci95'][1]:.1f}] (n={cell['n']})" if cell else "-"
+                f"{100 * cell['accuracy']:.1f} [{100 * cell['ci95'][0]:.1f}, {100 * cell['ci95'][1]:.1f}] (n={cell['n']})"
+                if cell
+                else "-"
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nAccuracy (%) under the `{scorer}` scorer, 95% bootstrap interval in brackets.\n"

@@ -47,7 +47,9 @@ class MapFile(Mapping):
         self.path = Path(path)
         file = self.path / WEIGHTS_FILE
         if not file.is_file():
-            raise TextkeepError(f"'{path}' holds no {WEIGHTS_FILE}; point at a directory written by `textkeep importance compute`.")
+            raise TextkeepError(
+                f"'{path}' holds no {WEIGHTS_FILE}; point at a directory written by `textkeep importance compute`."
+            )
         self._file = safe_open(str(file), framework="pt")
         self.meta = dict(self._file.metadata() or {})
         self._keys = list(self._file.keys())
@@ -92,7 +94,9 @@ def n_layers_of(summary: dict) -> int:
 def default_labels(paths: Sequence, labels: Sequence[str] | None) -> list[str]:
     if labels:
         if len(labels) != len(paths):
-            raise TextkeepError(f"{len(labels)} labels for {len(paths)} maps/checkpoints; give one label each, or none.")
+            raise TextkeepError(
+                f"{len(labels)} labels for {len(paths)} maps/checkpoints; give one label each, or none."
+            )
         return list(labels)
     names = [Path(p).name if Path(p).name != "model" else Path(p).parent.name for p in paths]
     if len(set(names)) < len(names):  # e.g. runs/a/importance and runs/b/importance
@@ -243,7 +247,9 @@ def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
     """Jensen–Shannon divergence in bits (0 … 1) of two profiles, each normalised to sum 1; 0·log 0 = 0."""
     p, q = layer_shares(p), layer_shares(q)
     if p.shape != q.shape:
-        raise TextkeepError(f"profiles of {len(p)} and {len(q)} layers cannot be compared; the maps come from different architectures.")
+        raise TextkeepError(
+            f"profiles of {len(p)} and {len(q)} layers cannot be compared; the maps come from different architectures."
+        )
     m = (p + q) / 2
 
     def kl(a, b):
@@ -267,7 +273,9 @@ def profile_shift(base_sums: Sequence[float], other_sums: Sequence[float]) -> di
     }
 
 
-def topk_ious(a: Mapping, b: Mapping, names: Sequence[str], percents: Sequence[float], a_cuts: list | None = None) -> dict[float, float]:
+def topk_ious(
+    a: Mapping, b: Mapping, names: Sequence[str], percents: Sequence[float], a_cuts: list | None = None
+) -> dict[float, float]:
     """|A ∩ B| / |A ∪ B| of the top p% parameters of two maps over `names`, for each p (one exact global threshold
     per map and p; both sets hold exactly k elements). `a_cuts`: `top_cuts(a, names, percents)`, to reuse."""
     ks = [max(1, count_for(sum(math.prod(shape_of(a, x)) for x in names), p)) for p in percents]
@@ -299,12 +307,16 @@ def shape_of(scores: Mapping, name: str) -> tuple | None:
     return scores.shape(name) if isinstance(scores, MapFile) else tuple(scores[name].shape)
 
 
-def shift_row(base: MapFile, other: MapFile, top_percent: Sequence[float] = (1, 5), base_cuts: list | None = None) -> dict:
+def shift_row(
+    base: MapFile, other: MapFile, top_percent: Sequence[float] = (1, 5), base_cuts: list | None = None
+) -> dict:
     """One row of the shift table: profile shift, ratio of total magnitudes, top-k% IoUs."""
     bs, os_ = base.summary(), other.summary()
     names = decoder_names(base)
     if decoder_names(other) != names or any(shape_of(base, k) != shape_of(other, k) for k in names):
-        raise TextkeepError(f"'{other.path}' and '{base.path}' do not score the same parameters; compare maps of one architecture.")
+        raise TextkeepError(
+            f"'{other.path}' and '{base.path}' do not score the same parameters; compare maps of one architecture."
+        )
     row = profile_shift(layer_sums_of(bs), layer_sums_of(os_))
     row["total_ratio"] = os_["total"] / bs["total"]
     row["layer_total_ratio"] = float(layer_sums_of(os_).sum() / layer_sums_of(bs).sum())
@@ -314,10 +326,23 @@ def shift_row(base: MapFile, other: MapFile, top_percent: Sequence[float] = (1, 
 
 
 def shift_markdown(rows: dict[str, dict], base_label: str, top_percent: Sequence[float]) -> str:
-    head = ["Map", "JS div. (bits)", "Spearman ρ", f"Peak layer ({base_label} → map)", "Total ratio", *(f"IoU top {p:g}%" for p in top_percent)]
+    head = [
+        "Map",
+        "JS div. (bits)",
+        "Spearman ρ",
+        f"Peak layer ({base_label} → map)",
+        "Total ratio",
+        *(f"IoU top {p:g}%" for p in top_percent),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
-        cells = [label, f"{r['js_divergence']:.4f}", f"{r['spearman']:.3f}", f"{r['peak_base']} → {r['peak_other']}", f"{r['total_ratio']:.3f}"]
+        cells = [
+            label,
+            f"{r['js_divergence']:.4f}",
+            f"{r['spearman']:.3f}",
+            f"{r['peak_base']} → {r['peak_other']}",
+            f"{r['total_ratio']:.3f}",
+        ]
         cells += [f"{r[f'iou_top{p:g}']:.3f}" for p in top_percent]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -398,7 +423,9 @@ def layer_module_names(scores: Mapping, layer: int, modules: Sequence[str], meta
             found[module_type(name)] = name
     missing = [m for m in modules if m not in found]
     if missing:
-        raise TextkeepError(f"layer {layer} has no {', '.join(missing)} weight; choose modules among {', '.join(PROJ)} and a layer the model has.")
+        raise TextkeepError(
+            f"layer {layer} has no {', '.join(missing)} weight; choose modules among {', '.join(PROJ)} and a layer the model has."
+        )
     return {m: found[m] for m in modules}
 
 
@@ -421,7 +448,9 @@ def cluster_panel(scores: torch.Tensor, top_percent: float, padding: str = "zero
 def parameter_change(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     """|θ_ft − θ_base| in float32."""
     if base.shape != tuned.shape:
-        raise TextkeepError(f"weights of shape {tuple(tuned.shape)} and {tuple(base.shape)} cannot be compared; the checkpoints come from different base models.")
+        raise TextkeepError(
+            f"weights of shape {tuple(tuned.shape)} and {tuple(base.shape)} cannot be compared; the checkpoints come from different base models."
+        )
     return (tuned.float() - base.float()).abs()
 
 
@@ -529,7 +558,15 @@ def plot_panels(panels: dict[str, dict[str, dict]], title: str, colour_label: st
         for j, m in enumerate(modules):
             p, ax = panels[label][m], axes[i, j]
             n_out, n_in = p["shape"]
-            im = ax.imshow(p["image"].numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest", extent=(0, n_in, n_out, 0))
+            im = ax.imshow(
+                p["image"].numpy(),
+                cmap="viridis",
+                vmin=0,
+                vmax=1,
+                aspect="auto",
+                interpolation="nearest",
+                extent=(0, n_in, n_out, 0),
+            )
             ax.set_title(f"{m}  (clustering ×{p['score']['ratio']:.2f})", fontsize=9)
             ax.tick_params(labelsize=7)
             if i == len(labels) - 1:
@@ -542,7 +579,10 @@ def plot_panels(panels: dict[str, dict[str, dict]], title: str, colour_label: st
 
 
 def _panel_numbers(panels: dict[str, dict[str, dict]]) -> dict:
-    return {label: {m: {k: v for k, v in p.items() if k != "image"} for m, p in per.items()} for label, per in panels.items()}
+    return {
+        label: {m: {k: v for k, v in p.items() if k != "image"} for m, p in per.items()}
+        for label, per in panels.items()
+    }
 
 
 def _panel_images(panels: dict[str, dict[str, dict]]) -> dict[str, np.ndarray]:
@@ -550,7 +590,9 @@ def _panel_images(panels: dict[str, dict[str, dict]]) -> dict[str, np.ndarray]:
 
 
 # ---- commands -------------------------------------------------------------------------------------------------------
-def importance_layers(maps: list[Path], labels: list[str] | None = None, out: Path = Path("runs/analysis/layers"), by_module: bool = False) -> Path:
+def importance_layers(
+    maps: list[Path], labels: list[str] | None = None, out: Path = Path("runs/analysis/layers"), by_module: bool = False
+) -> Path:
     """Layer-wise distribution of importance (paper Figs 2, 3): each layer's share of the decoder layers' total.
 
     Args:
@@ -565,7 +607,9 @@ def importance_layers(maps: list[Path], labels: list[str] | None = None, out: Pa
     summaries = {label: open_map(p).summary() for label, p in zip(labels, maps)}
     depth = {n_layers_of(s) for s in summaries.values()}
     if len(depth) > 1:
-        raise TextkeepError(f"the maps have different layer counts ({sorted(depth)}); compare maps of one architecture.")
+        raise TextkeepError(
+            f"the maps have different layer counts ({sorted(depth)}); compare maps of one architecture."
+        )
     shares = {label: layer_shares(layer_sums_of(s)) for label, s in summaries.items()}
     out = Path(out)
     numbers = {
@@ -577,12 +621,22 @@ def importance_layers(maps: list[Path], labels: list[str] | None = None, out: Pa
     save_figure(plot_layers(shares), out / "layers", numbers)
     if by_module:
         per_module = {label: module_layer_shares(s) for label, s in summaries.items()}
-        save_figure(plot_layers_by_module(per_module), out / "layers_by_module", {"maps": numbers["maps"], "module_shares": per_module})
+        save_figure(
+            plot_layers_by_module(per_module),
+            out / "layers_by_module",
+            {"maps": numbers["maps"], "module_shares": per_module},
+        )
     print(f"layer distribution of {len(maps)} map(s) → {out}/layers.png")
     return out
 
 
-def importance_shift(base: Path, others: list[Path], labels: list[str] | None = None, out: Path = Path("runs/analysis/shift"), top_percent: list[float] = [1, 5]) -> Path:
+def importance_shift(
+    base: Path,
+    others: list[Path],
+    labels: list[str] | None = None,
+    out: Path = Path("runs/analysis/shift"),
+    top_percent: list[float] = [1, 5],
+) -> Path:
     """Shift of the importance distribution between a reference map and others: JS divergence (bits) and Spearman
     ρ of the layer profiles, peak layers, ratio of total magnitudes, IoU of the top-k% decoder-layer parameters.
 
@@ -601,7 +655,17 @@ def importance_shift(base: Path, others: list[Path], labels: list[str] | None = 
     rows = {label: shift_row(ref, open_map(p), top_percent, cuts) for label, p in zip(labels, others)}
     base_label = default_labels([base], None)[0]
     out = Path(out)
-    write_json(out / "shift.json", jsonable({"base": str(base), "others": {l: str(p) for l, p in zip(labels, others)}, "top_percent": list(top_percent), "rows": rows}))
+    write_json(
+        out / "shift.json",
+        jsonable(
+            {
+                "base": str(base),
+                "others": {lab: str(p) for lab, p in zip(labels, others)},
+                "top_percent": list(top_percent),
+                "rows": rows,
+            }
+        ),
+    )
     table = shift_markdown(rows, base_label, top_percent)
     write_text(out / "shift.md", f"Importance shift relative to `{base}`\n\n" + table)
     print(table, end="")
@@ -639,8 +703,16 @@ def importance_clusters(
         names = layer_module_names(m, layer, modules)
         panels[label] = {mod: cluster_panel(m[name], top_percent) for mod, name in names.items()}
     out = Path(out)
-    title = f"Top {top_percent:g}% importance, layer {layer} (3×3 vicinity share, normalised; block-max pooled for display)"
-    numbers = {"maps": {l: str(p) for l, p in zip(labels, maps)}, "layer": layer, "top_percent": top_percent, "padding": "zero", "panels": _panel_numbers(panels)}
+    title = (
+        f"Top {top_percent:g}% importance, layer {layer} (3×3 vicinity share, normalised; block-max pooled for display)"
+    )
+    numbers = {
+        "maps": {lab: str(p) for lab, p in zip(labels, maps)},
+        "layer": layer,
+        "top_percent": top_percent,
+        "padding": "zero",
+        "panels": _panel_numbers(panels),
+    }
     save_figure(plot_panels(panels, title, "share of top entries in 3×3 vicinity (÷ max)"), out / "clusters", numbers)
     _save_npz(out / "clusters_images.npz", _panel_images(panels))
     for label, per in panels.items():
@@ -693,7 +765,13 @@ def importance_change(
         panels[label] = {m: change_panel(base_w[m], tuned[m]) for m in modules}
     out = Path(out)
     title = f"|θ_ft − θ_base|, layer {layer} (÷ max per matrix; block-max pooled for display)"
-    numbers = {"base": base, "checkpoints": dict(zip(labels, checkpoints)), "layer": layer, "top_percent": 5.0, "panels": _panel_numbers(panels)}
+    numbers = {
+        "base": base,
+        "checkpoints": dict(zip(labels, checkpoints)),
+        "layer": layer,
+        "top_percent": 5.0,
+        "panels": _panel_numbers(panels),
+    }
     save_figure(plot_panels(panels, title, "|Δθ| / max |Δθ|"), out / "change", numbers)
     _save_npz(out / "change_images.npz", _panel_images(panels))
     for label, per in panels.items():

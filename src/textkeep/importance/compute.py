@@ -114,7 +114,14 @@ def _is_sharded(module) -> bool:
 
 
 def compute_importance(
-    model, samples: Sequence, *, mode: str = "paper", batch_size: int = 8, progress: bool = True, accelerator=None, sharded_loss=None
+    model,
+    samples: Sequence,
+    *,
+    mode: str = "paper",
+    batch_size: int = 8,
+    progress: bool = True,
+    accelerator=None,
+    sharded_loss=None,
 ) -> ImportanceMap:
     """Score every parameter of `model.llm` on `samples` (text or speech `Sample`s with responses).
 
@@ -150,24 +157,39 @@ def compute_importance(
                 "them; use mode=paper under FSDP, or run without sharding (DDP: every process holds a full copy)."
             )
         if hasattr(model.llm, "peft_config"):
-            raise TextkeepError("a LoRA model cannot be merged once FSDP has sharded it; merge it first (`textkeep merge`), then score the merged checkpoint.")
+            raise TextkeepError(
+                "a LoRA model cannot be merged once FSDP has sharded it; merge it first (`textkeep merge`), then score the merged checkpoint."
+            )
         # Every process must run as many backward passes as the others (each one is a collective): the ones with
         # fewer batches repeat one with its loss multiplied by zero.
         mine += [None] * (math.ceil(len(batches) / world) - len(mine))
     elif _is_sharded(model.llm):
-        raise TextkeepError("the LLM is FSDP-sharded; pass sharded_loss=ImportanceLoss(model) as FSDP wrapped it (see compute_importance).")
+        raise TextkeepError(
+            "the LLM is FSDP-sharded; pass sharded_loss=ImportanceLoss(model) as FSDP wrapped it (see compute_importance)."
+        )
 
     with _scoring(model, merge=not sharded) as llm:
         params = dict(llm.named_parameters())  # tied weights appear once
         if any("_fsdp_wrapped_module" in k for k in params):
-            raise TextkeepError("FSDP1 flattens the parameters, so a map could not keep their names; use FSDP2 (fsdp_version: 2 in the accelerate config).")
+            raise TextkeepError(
+                "FSDP1 flattens the parameters, so a map could not keep their names; use FSDP2 (fsdp_version: 2 in the accelerate config)."
+            )
         layer_prefix, n_layers = decoder_layers(llm)
         n_b = [1]
-        acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items() if not sharded and (mode != "paper" or p.dtype != torch.float32)}
+        acc = {
+            k: torch.zeros_like(p, dtype=torch.float32)
+            for k, p in params.items()
+            if not sharded and (mode != "paper" or p.dtype != torch.float32)
+        }
         hooks = [params[k].register_post_accumulate_grad_hook(_fold_hook(buf, mode, n_b)) for k, buf in acc.items()]
         n_tok = n_batches = n_ex = 0
         try:
-            bar = tqdm(total=sum(len(b) for b in mine if b), unit="ex", desc=f"importance ({mode})", disable=not progress or rank != 0)
+            bar = tqdm(
+                total=sum(len(b) for b in mine if b),
+                unit="ex",
+                desc=f"importance ({mode})",
+                disable=not progress or rank != 0,
+            )
             for i, batch in enumerate(mine):
                 if batch is None:  # FSDP: a stand-in pass that keeps the collectives in step and adds nothing
                     loss, _ = sharded_loss(model.tokenize(mine[0] or batches[0]))
@@ -202,7 +224,9 @@ def compute_importance(
             counts = accelerator.reduce(counts, reduction="sum")
         n_tok, n_batches, n_ex = counts.tolist()
         if n_tok == 0:
-            raise TextkeepError("the importance samples have no response tokens; every sample needs a non-empty response.")
+            raise TextkeepError(
+                "the importance samples have no response tokens; every sample needs a non-empty response."
+            )
         scores = {}
         for k, p in params.items():
             total = acc.pop(k, None)
@@ -288,7 +312,10 @@ def importance_compute(
         speech_llm = SpeechLLM.load(model)
     else:
         if modality == "speech":
-            warnings.warn(f"'{model}' is an LLM, not a checkpoint: its speech adaptor is freshly initialised, so speech importance reflects a random adaptor.", stacklevel=2)
+            warnings.warn(
+                f"'{model}' is an LLM, not a checkpoint: its speech adaptor is freshly initialised, so speech importance reflects a random adaptor.",
+                stacklevel=2,
+            )
         speech_llm = SpeechLLM.build(model, encoder if modality == "speech" else None, seed=seed)
     speech_llm.to(accelerator.device)
 
@@ -303,11 +330,21 @@ def importance_compute(
     if accelerator.distributed_type == DistributedType.FSDP:
         sharded_loss = accelerator.prepare(ImportanceLoss(speech_llm))
     started = time.perf_counter()
-    imap = compute_importance(speech_llm, samples, mode=mode, batch_size=batch_size, accelerator=accelerator, sharded_loss=sharded_loss)
+    imap = compute_importance(
+        speech_llm, samples, mode=mode, batch_size=batch_size, accelerator=accelerator, sharded_loss=sharded_loss
+    )
     seconds = time.perf_counter() - started
-    imap.meta |= {"model": str(model), "dataset": data, "split": split if not split_file else f"{split} ({split_file})", "seed": seed, "modality": modality}
+    imap.meta |= {
+        "model": str(model),
+        "dataset": data,
+        "split": split if not split_file else f"{split} ({split_file})",
+        "seed": seed,
+        "modality": modality,
+    }
     if accelerator.is_main_process:
         imap.save(out)
-        print(f"importance ({mode}, {modality}) of {len(samples)} examples in {seconds:.1f} s ({len(samples) / seconds:.2f} examples/s) → {out}")
+        print(
+            f"importance ({mode}, {modality}) of {len(samples)} examples in {seconds:.1f} s ({len(samples) / seconds:.2f} examples/s) → {out}"
+        )
     accelerator.wait_for_everyone()
     return Path(out)

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 from textkeep.errors import TextkeepError
-from textkeep.importance.analysis import jsonable, seed_of, count_for, open_map, select_top, shape_of
+from textkeep.importance.analysis import count_for, jsonable, open_map, seed_of, select_top, shape_of
 from textkeep.importance.maps import decoder_layers, module_type
 
 CONDITIONS = ("top", "bottom", "random")
@@ -56,7 +56,9 @@ class RandomScores(Mapping):
 def scope_names(llm, include_embeddings: bool = False, include_norms: bool = True) -> dict[str, tuple[int, ...]]:
     """Name → shape of the parameters that deactivation may touch."""
     if hasattr(llm, "peft_config"):
-        raise TextkeepError("deactivation needs the bare LLM: merge the LoRA adapter first (`model.llm = model.llm.merge_and_unload()`).")
+        raise TextkeepError(
+            "deactivation needs the bare LLM: merge the LoRA adapter first (`model.llm = model.llm.merge_and_unload()`)."
+        )
     prefix, _ = decoder_layers(llm)
     extra = ("embeddings", "head") if include_embeddings else ()
     return {
@@ -66,7 +68,14 @@ def scope_names(llm, include_embeddings: bool = False, include_norms: bool = Tru
     }
 
 
-def choose(scores: Mapping, shapes: dict[str, tuple[int, ...]], condition: str, percent: float, scope: str = "tensor", seed: int = 0) -> dict[str, torch.Tensor]:
+def choose(
+    scores: Mapping,
+    shapes: dict[str, tuple[int, ...]],
+    condition: str,
+    percent: float,
+    scope: str = "tensor",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Flat indices to zero in each tensor of `shapes`: top / bottom / random `percent`% by `scores`."""
     if condition not in CONDITIONS:
         raise TextkeepError(f"condition must be one of {', '.join(CONDITIONS)}, got {condition!r}")
@@ -132,7 +141,9 @@ def deactivation_table(
         importance_map = open_map(importance_map)
     scores = getattr(importance_map, "scores", importance_map)
     shapes = scope_names(model.llm, include_embeddings, include_norms)
-    table = {name: {"base": perplexity(model, samples, batch_size)["ppl"]} for name, samples in samples_by_input.items()}
+    table = {
+        name: {"base": perplexity(model, samples, batch_size)["ppl"]} for name, samples in samples_by_input.items()
+    }
     for condition in CONDITIONS:
         indices = choose(scores, shapes, condition, percent, scope, seed)
         with deactivated(model.llm, indices):
@@ -164,7 +175,12 @@ def deactivation_markdown(tables: dict[str, dict], percent: float = 3.0) -> str:
         order = [i for i in INPUT_ORDER if i in table] + [i for i in table if i not in INPUT_ORDER]
         for j, name in enumerate(order):
             row = table[name]
-            cells = [model_label if j == 0 else "", name.capitalize(), _ppl(row["base"]), *(_ppl(row[c]) for c in CONDITIONS)]
+            cells = [
+                model_label if j == 0 else "",
+                name.capitalize(),
+                _ppl(row["base"]),
+                *(_ppl(row[c]) for c in CONDITIONS),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -235,29 +251,33 @@ def importance_deactivate(
     records = spoken_records(records, spoken, "speech" in wanted, f"'{split}' records of '{data}'")
     records = records[:limit] if limit else records
     samples = {i: make_samples(speech_llm, records, i) for i in wanted}
-    table = deactivation_table(speech_llm, map, samples, percent=percent, scope=scope, seed=seed, include_norms=include_norms)
+    table = deactivation_table(
+        speech_llm, map, samples, percent=percent, scope=scope, seed=seed, include_norms=include_norms
+    )
     shapes = scope_names(speech_llm.llm, include_norms=include_norms)
     out = Path(out)
     md = deactivation_markdown({Path(model).name if is_checkpoint(model) else model: table}, percent)
     write_json(
         out / "deactivation.json",
-        jsonable({
-            "table": table,
-            "model": model,
-            "map": str(map),
-            "data": data,
-            "spoken": str(spoken) if spoken is not None else None,
-            "inputs": wanted,
-            "split": split,
-            "n_examples": len(records),
-            "percent": percent,
-            "scope": scope,
-            "include_norms": include_norms,
-            "seed": seed,
-            "n_scope_parameters": sum(math.prod(s) for s in shapes.values()),
-            "n_deactivated": n_deactivated(shapes, percent, scope),
-            "seconds": round(time.time() - started, 1),
-        }),
+        jsonable(
+            {
+                "table": table,
+                "model": model,
+                "map": str(map),
+                "data": data,
+                "spoken": str(spoken) if spoken is not None else None,
+                "inputs": wanted,
+                "split": split,
+                "n_examples": len(records),
+                "percent": percent,
+                "scope": scope,
+                "include_norms": include_norms,
+                "seed": seed,
+                "n_scope_parameters": sum(math.prod(s) for s in shapes.values()),
+                "n_deactivated": n_deactivated(shapes, percent, scope),
+                "seconds": round(time.time() - started, 1),
+            }
+        ),
     )
     write_text(out / "deactivation.md", md)
     print(md, end="")

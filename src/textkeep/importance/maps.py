@@ -52,7 +52,11 @@ class ImportanceMap:
 
         meta = {k: str(self.meta.get(k, "")) for k in META_KEYS} | {k: str(v) for k, v in self.meta.items()}
         with atomic_dir(out_dir) as tmp:
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in self.scores.items()}, str(tmp / WEIGHTS_FILE), metadata=meta)
+            save_file(
+                {k: v.detach().float().contiguous().cpu() for k, v in self.scores.items()},
+                str(tmp / WEIGHTS_FILE),
+                metadata=meta,
+            )
             write_json(tmp / SUMMARY_FILE, summarize(self))
         return Path(out_dir)
 
@@ -66,7 +70,9 @@ def load_map(map_dir: str | Path) -> ImportanceMap:
 
     path = Path(map_dir) / WEIGHTS_FILE
     if not path.is_file():
-        raise TextkeepError(f"'{map_dir}' holds no {WEIGHTS_FILE}; point at a directory written by `textkeep importance compute`.")
+        raise TextkeepError(
+            f"'{map_dir}' holds no {WEIGHTS_FILE}; point at a directory written by `textkeep importance compute`."
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -91,7 +97,9 @@ def decoder_layers(llm: nn.Module) -> tuple[str, int]:
     for m in decoder.modules():
         if isinstance(m, nn.ModuleList) and len(m) == n:
             return names[id(m)], n
-    raise TextkeepError(f"no list of {n} decoder layers found in {type(llm).__name__}; this architecture is not supported by importance maps.")
+    raise TextkeepError(
+        f"no list of {n} decoder layers found in {type(llm).__name__}; this architecture is not supported by importance maps."
+    )
 
 
 def module_type(name: str) -> str:
@@ -192,4 +200,6 @@ def read_summary(map_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TextkeepError(f"'{map_dir}' holds no {SUMMARY_FILE}; point at a directory written by `textkeep importance compute`.") from None
+        raise TextkeepError(
+            f"'{map_dir}' holds no {SUMMARY_FILE}; point at a directory written by `textkeep importance compute`."
+        ) from None

@@ -366,8 +366,11 @@ def convert_ct2_whisper(
         config.save_pretrained(tmp)
         GenerationConfig(**gen).save_pretrained(tmp)
         # proj_out.weight is tied to embed_tokens; transformers re-ties it on load.
-        save_file({k: v.contiguous() for k, v in sd.items() if k != "proj_out.weight"}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in sd.items() if k != "proj_out.weight"},
+            tmp / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         tokenizer.save_pretrained(tmp)
         WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(tmp)
     return Path(out_dir)

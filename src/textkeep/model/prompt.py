@@ -34,11 +34,15 @@ class Encoded:
 
 
 class PromptFormatter:
-    def __init__(self, tokenizer, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, user_template: str = DEFAULT_USER_TEMPLATE):
+    def __init__(
+        self, tokenizer, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, user_template: str = DEFAULT_USER_TEMPLATE
+    ):
         if user_template.count(SPEECH_PLACEHOLDER) != 1:
             raise ValueError(f"user_template must contain '{SPEECH_PLACEHOLDER}' exactly once, got {user_template!r}")
         if tokenizer.chat_template is None:
-            raise ValueError("the tokenizer has no chat template; use an instruction-tuned LLM or set tokenizer.chat_template")
+            raise ValueError(
+                "the tokenizer has no chat template; use an instruction-tuned LLM or set tokenizer.chat_template"
+            )
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.user_template = user_template

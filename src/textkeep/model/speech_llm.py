@@ -57,7 +57,9 @@ class SpeechLLMConfig:
         if self.encoder_policy not in ENCODER_POLICIES:
             raise TextkeepError(f"encoder_policy must be one of {ENCODER_POLICIES}, got {self.encoder_policy!r}")
         if self.keep_padding and self.encoder_policy == "trim":
-            raise TextkeepError("keep_padding=True needs encoder_policy='pad30' (trim never computes the padding frames)")
+            raise TextkeepError(
+                "keep_padding=True needs encoder_policy='pad30' (trim never computes the padding frames)"
+            )
 
 
 @dataclass
@@ -100,7 +102,11 @@ class TokenBatch:
 
 def n_speech_embeddings(n_samples: int, k: int, keep_padding: bool) -> int:
     """How many embeddings an utterance of n_samples (16 kHz) becomes: frames covering it, then ÷ k."""
-    n_frames = WHISPER_WINDOW_FRAMES if keep_padding else min(WHISPER_WINDOW_FRAMES, math.ceil(n_samples * ENCODER_FRAMES_PER_SECOND / SAMPLE_RATE))
+    n_frames = (
+        WHISPER_WINDOW_FRAMES
+        if keep_padding
+        else min(WHISPER_WINDOW_FRAMES, math.ceil(n_samples * ENCODER_FRAMES_PER_SECOND / SAMPLE_RATE))
+    )
     return n_frames // k
 
 
@@ -122,7 +128,14 @@ class SpeechLLM(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, llm: str = "smollm2-135m-instruct", encoder: str | None = "whisper-base", seed: int = 0, dtype: torch.dtype = torch.float32, **options) -> "SpeechLLM":
+    def build(
+        cls,
+        llm: str = "smollm2-135m-instruct",
+        encoder: str | None = "whisper-base",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        **options,
+    ) -> "SpeechLLM":
         """A new speech LLM from a causal LM and a Whisper encoder; the adaptor is freshly initialised (seeded)."""
         config = SpeechLLMConfig(llm=llm, encoder=encoder or "", **options)
         llm_model, tokenizer = load_llm(llm, dtype)
@@ -145,12 +158,16 @@ class SpeechLLM(nn.Module):
     def encode_audio(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """16 kHz mono arrays → encoder frames (n_i, d_enc) on CPU in float32, cropped to the real audio unless keep_padding."""
         if self.encoder is None:
-            raise TextkeepError("this SpeechLLM has no speech encoder; build it with encoder='whisper-base' (or another Whisper)")
+            raise TextkeepError(
+                "this SpeechLLM has no speech encoder; build it with encoder='whisper-base' (or another Whisper)"
+            )
         for a in audios:
             if len(a) == 0:
                 raise TextkeepError("empty audio given to encode_audio; every utterance needs samples")
             if len(a) > 30 * SAMPLE_RATE:
-                raise TextkeepError(f"audio of {len(a) / SAMPLE_RATE:.1f} s given to encode_audio; Whisper takes at most 30 s")
+                raise TextkeepError(
+                    f"audio of {len(a) / SAMPLE_RATE:.1f} s given to encode_audio; Whisper takes at most 30 s"
+                )
         # The extractor pads to 30 s; its log-mel values for the real frames do not depend on the padding.
         mel = self.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         mel = mel.to(self.device, self.dtype)
@@ -182,7 +199,9 @@ class SpeechLLM(nn.Module):
             enc = self.prompt.encode(s.text if s.speech is None else None, s.response)
             n_slots = s.speech.shape[0] // k if s.speech is not None else 0
             if s.speech is not None and n_slots == 0:
-                raise TextkeepError(f"speech of sample '{s.id}' is shorter than {k} encoder frames ({k * 20} ms); it gives the LLM nothing to hear")
+                raise TextkeepError(
+                    f"speech of sample '{s.id}' is shorter than {k} encoder frames ({k * 20} ms); it gives the LLM nothing to hear"
+                )
             ids = enc.before + [self.tokenizer.pad_token_id] * n_slots + enc.after + enc.response
             is_speech = [False] * len(enc.before) + [True] * n_slots + [False] * (len(enc.after) + len(enc.response))
             labels = [IGNORE_INDEX] * (len(ids) - len(enc.response)) + enc.response
@@ -226,7 +245,10 @@ class SpeechLLM(nn.Module):
     def logits(self, batch: TokenBatch) -> torch.Tensor:
         batch = batch.to(self.device)
         return self.llm(
-            inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask, position_ids=self.position_ids(batch.attention_mask), use_cache=False
+            inputs_embeds=self.embed(batch),
+            attention_mask=batch.attention_mask,
+            position_ids=self.position_ids(batch.attention_mask),
+            use_cache=False,
         ).logits
 
     def loss_sum(self, batch: TokenBatch) -> tuple[torch.Tensor, int]:
@@ -237,7 +259,10 @@ class SpeechLLM(nn.Module):
         """
         batch = batch.to(self.device)
         hidden = self.llm.get_decoder()(
-            inputs_embeds=self.embed(batch), attention_mask=batch.attention_mask, position_ids=self.position_ids(batch.attention_mask), use_cache=False
+            inputs_embeds=self.embed(batch),
+            attention_mask=batch.attention_mask,
+            position_ids=self.position_ids(batch.attention_mask),
+            use_cache=False,
         ).last_hidden_state
         targets = batch.labels[:, 1:]
         keep = targets != IGNORE_INDEX
@@ -247,7 +272,9 @@ class SpeechLLM(nn.Module):
 
     # ---- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_ids(self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0) -> list[list[int]]:
+    def generate_ids(
+        self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0
+    ) -> list[list[int]]:
         """Greedy continuations for a batch, as token ids cut before end-of-turn: left padding, the KV cache.
 
         A row that has finished leaves the batch (its rows of the KV cache are dropped), so a batch costs the sum of
@@ -256,7 +283,9 @@ class SpeechLLM(nn.Module):
         finished rows to the end, and its continuous batching takes token ids, not the inputs_embeds a spoken
         prompt needs. min_new_tokens forbids stopping before that many tokens (as generate()'s option).
         """
-        samples = [Sample(text=s.text, speech=s.speech, id=s.id) for s in samples]  # responses are not part of the prompt
+        samples = [
+            Sample(text=s.text, speech=s.speech, id=s.id) for s in samples
+        ]  # responses are not part of the prompt
         # Every prompt opens with the template's head (system prompt, user header): its keys and values are computed
         # once and shared by all rows, and padding goes after it. A prompt splits at the same place alone as in a
         # batch of its own modality (evaluation batches hold one), so a question gets the same answer either way.
@@ -267,12 +296,18 @@ class SpeechLLM(nn.Module):
         rows = torch.arange(len(samples), device=self.device)  # the sample each row of the running batch answers
         mask, cache = batch.attention_mask, None
         if head:
-            cache = self.llm(input_ids=torch.tensor([head], device=self.device), use_cache=True, logits_to_keep=1).past_key_values
+            cache = self.llm(
+                input_ids=torch.tensor([head], device=self.device), use_cache=True, logits_to_keep=1
+            ).past_key_values
             cache.batch_repeat_interleave(len(samples))
             mask = torch.cat([mask.new_ones(len(samples), len(head)), mask], dim=1)
         out = self.llm(
-            inputs_embeds=self.embed(batch), attention_mask=mask, position_ids=self.position_ids(mask)[:, len(head) :],
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+            inputs_embeds=self.embed(batch),
+            attention_mask=mask,
+            position_ids=self.position_ids(mask)[:, len(head) :],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         for step in range(max_new_tokens):
             logits = out.logits[:, -1]
@@ -292,12 +327,19 @@ class SpeechLLM(nn.Module):
                 rows, mask, token = rows[keep], mask[keep], token[keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = self.llm(
-                input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=mask.sum(-1, keepdim=True) - 1,
+                past_key_values=cache,
+                use_cache=True,
             )
         return answers
 
     def generate(self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0) -> list[str]:
-        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.generate_ids(samples, max_new_tokens, min_new_tokens)]
+        return [
+            self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for ids in self.generate_ids(samples, max_new_tokens, min_new_tokens)
+        ]
 
     def shared_head(self, samples: Sequence[Sample]) -> list[int]:
         """The longest start of the template's head (the prompt before the user's words) that every sample's prompt
@@ -328,14 +370,20 @@ class SpeechLLM(nn.Module):
         if llm_weights not in ("full", "lora", "base"):
             raise ValueError(f"llm_weights must be full, lora or base, got {llm_weights!r}")
         with atomic_dir(out_dir) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.adaptor.state_dict().items()}, str(tmp / ADAPTOR_FILE))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in self.adaptor.state_dict().items()},
+                str(tmp / ADAPTOR_FILE),
+            )
             if llm_weights == "full":
                 llm = self.llm.merge_and_unload() if _is_peft(self.llm) else self.llm
                 llm.save_pretrained(tmp / "llm", safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp / "llm")
             elif llm_weights == "lora":
                 self.llm.save_pretrained(tmp / "llm_adapter")
-            write_json(tmp / CONFIG_FILE, {"format": CHECKPOINT_FORMAT, "llm_weights": llm_weights, "config": asdict(self.config)})
+            write_json(
+                tmp / CONFIG_FILE,
+                {"format": CHECKPOINT_FORMAT, "llm_weights": llm_weights, "config": asdict(self.config)},
+            )
         return Path(out_dir)
 
     @classmethod
@@ -346,12 +394,20 @@ class SpeechLLM(nn.Module):
         if not (ckpt_dir / CONFIG_FILE).is_file() and (ckpt_dir / "model" / CONFIG_FILE).is_file():
             ckpt_dir = ckpt_dir / "model"  # a training run: its final model
         meta = _read_checkpoint_config(ckpt_dir)
-        config = SpeechLLMConfig(**{f.name: meta["config"][f.name] for f in fields(SpeechLLMConfig) if f.name in meta["config"]})
+        config = SpeechLLMConfig(
+            **{f.name: meta["config"][f.name] for f in fields(SpeechLLMConfig) if f.name in meta["config"]}
+        )
         kind = meta["llm_weights"]
-        needed = [ADAPTOR_FILE] + {"full": ["llm/config.json"], "lora": ["llm_adapter/adapter_config.json"], "base": []}[kind]
+        needed = [ADAPTOR_FILE] + {
+            "full": ["llm/config.json"],
+            "lora": ["llm_adapter/adapter_config.json"],
+            "base": [],
+        }[kind]
         for rel in needed:
             if not (ckpt_dir / rel).exists():
-                raise TextkeepError(f"checkpoint '{ckpt_dir}' is missing '{rel}'; it was not fully written. Re-save or re-train it, or point to another checkpoint.")
+                raise TextkeepError(
+                    f"checkpoint '{ckpt_dir}' is missing '{rel}'; it was not fully written. Re-save or re-train it, or point to another checkpoint."
+                )
         if kind == "full":
             llm, tokenizer = load_llm(str(ckpt_dir / "llm"), dtype)
         else:
@@ -367,7 +423,9 @@ class SpeechLLM(nn.Module):
         try:
             adaptor.load_state_dict(state)
         except RuntimeError as e:
-            raise TextkeepError(f"'{ckpt_dir / ADAPTOR_FILE}' does not fit the adaptor described in {CONFIG_FILE} ({e}); the checkpoint is inconsistent.") from None
+            raise TextkeepError(
+                f"'{ckpt_dir / ADAPTOR_FILE}' does not fit the adaptor described in {CONFIG_FILE} ({e}); the checkpoint is inconsistent."
+            ) from None
         return cls(llm, tokenizer, enc, fe, adaptor.to(dtype), config)
 
 
@@ -381,13 +439,17 @@ def _read_checkpoint_config(ckpt_dir: Path) -> dict:
         raise TextkeepError(f"checkpoint directory '{ckpt_dir}' does not exist; check the path.")
     cfg = ckpt_dir / CONFIG_FILE
     if not cfg.is_file():
-        raise TextkeepError(f"checkpoint '{ckpt_dir}' is missing '{CONFIG_FILE}'; it is not a textkeep checkpoint or was not fully written.")
+        raise TextkeepError(
+            f"checkpoint '{ckpt_dir}' is missing '{CONFIG_FILE}'; it is not a textkeep checkpoint or was not fully written."
+        )
     try:
         meta = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise TextkeepError(f"'{cfg}' is not valid JSON ({e}); the checkpoint is damaged.") from None
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("llm_weights") not in ("full", "lora", "base"):
-        raise TextkeepError(f"'{cfg}' has format {meta.get('format')!r}/{meta.get('llm_weights')!r}; this textkeep reads format {CHECKPOINT_FORMAT}.")
+        raise TextkeepError(
+            f"'{cfg}' has format {meta.get('format')!r}/{meta.get('llm_weights')!r}; this textkeep reads format {CHECKPOINT_FORMAT}."
+        )
     return meta
 
 

@@ -31,9 +31,13 @@ def layer_index(param_name: str) -> int | None:
 def layer_lr_scales(layer_sums: list[float], lam: float) -> list[float]:
     """Eq. 3: scale_i = 1 − λ·(I_i − min I)/(max I − min I). Equal importances everywhere give all 1 (no layer is more important)."""
     if not 0.0 <= lam <= 1.0:
-        raise TextkeepError(f"λ (lam) must be in [0, 1], got {lam}; λ=0 is plain full fine-tuning and λ=1 freezes the most important layer.")
+        raise TextkeepError(
+            f"λ (lam) must be in [0, 1], got {lam}; λ=0 is plain full fine-tuning and λ=1 freezes the most important layer."
+        )
     if not layer_sums or not all(math.isfinite(s) for s in layer_sums):
-        raise TextkeepError(f"layer importances must be finite numbers, got {layer_sums[:5]}…; recompute the importance map.")
+        raise TextkeepError(
+            f"layer importances must be finite numbers, got {layer_sums[:5]}…; recompute the importance map."
+        )
     lo, hi = min(layer_sums), max(layer_sums)
     if hi == lo:
         return [1.0] * len(layer_sums)
@@ -68,10 +72,14 @@ def read_layer_importance(map_dir: Path | None, llm) -> list[float]:
         layers = sorted(json.loads(summary.read_text())["layers"], key=lambda r: r["layer"])
         sums = [float(r["sum"]) for r in layers]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise TextkeepError(f"'{summary}' lacks a valid \"layers\": [{{\"layer\": i, \"sum\": x}}, …] list ({e}); recompute the map.") from None
+        raise TextkeepError(
+            f'\'{summary}\' lacks a valid "layers": [{{"layer": i, "sum": x}}, …] list ({e}); recompute the map.'
+        ) from None
     n_layers = 1 + max(i for i in map(layer_index, shapes) if i is not None)
     if [r["layer"] for r in layers] != list(range(n_layers)):
-        raise TextkeepError(f"'{summary}' lists layers {[r['layer'] for r in layers][:8]}…, the LLM has layers 0…{n_layers - 1}; recompute the map.")
+        raise TextkeepError(
+            f"'{summary}' lists layers {[r['layer'] for r in layers][:8]}…, the LLM has layers 0…{n_layers - 1}; recompute the map."
+        )
     return sums
 
 
@@ -104,7 +112,9 @@ def apply_lora(model, rank: int = 8, alpha: int | None = None, dropout: float = 
         raise TextkeepError(f"LoRA α must be positive, got {alpha}; leave it unset for the paper's α = 2r.")
     if not 0.0 <= dropout < 1.0:
         raise TextkeepError(f"LoRA dropout must be in [0, 1), got {dropout}.")
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=list(LORA_TARGETS), bias="none")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=list(LORA_TARGETS), bias="none"
+    )
     model.llm = get_peft_model(model.llm, config)  # freezes the base weights
     if model.encoder is not None:
         model.encoder.requires_grad_(False)

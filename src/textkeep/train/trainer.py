@@ -71,6 +71,7 @@ class TrainConfig:
 
     def __post_init__(self):
         """Refuse bad values before anything is loaded or written."""
+
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise TextkeepError(f"bad training setting: {what}")
@@ -78,19 +79,34 @@ class TrainConfig:
         need(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
         need(0.0 <= self.lam <= 1.0, f"lam (λ of Eq. 3) must be in [0, 1], got {self.lam}; the paper's default is 0.4.")
         need(self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank}; the paper uses 8 (1B) and 16 (8B).")
-        need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}; leave it unset for α = 2·rank.")
+        need(
+            self.lora_alpha is None or self.lora_alpha > 0,
+            f"lora_alpha must be positive, got {self.lora_alpha}; leave it unset for α = 2·rank.",
+        )
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         for name in ("lr", "adaptor_lr", "epochs"):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}.")
-        need(self.batch_size >= 1 and self.grad_accum >= 1, f"batch_size and grad_accum must be ≥ 1, got {self.batch_size} and {self.grad_accum}.")
-        need(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}; LLaMA-Omni uses 0.03.")
+        need(
+            self.batch_size >= 1 and self.grad_accum >= 1,
+            f"batch_size and grad_accum must be ≥ 1, got {self.batch_size} and {self.grad_accum}.",
+        )
+        need(
+            0.0 <= self.warmup_ratio < 1.0,
+            f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}; LLaMA-Omni uses 0.03.",
+        )
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1 or unset, got {self.max_steps}.")
         need(self.save_every >= 1, f"save_every must be ≥ 1 step, got {self.save_every}.")
         need(self.adaptor_warmup_steps >= 0, f"adaptor_warmup_steps must be ≥ 0, got {self.adaptor_warmup_steps}.")
         if self.strategy == "layer-lr":
-            need(self.importance is not None, "strategy 'layer-lr' needs importance=DIR, the pre-trained LLM's textual importance map (`textkeep importance`).")
-            need(Path(self.importance).is_dir(), f"importance map directory '{self.importance}' does not exist; compute it with `textkeep importance` first.")
+            need(
+                self.importance is not None,
+                "strategy 'layer-lr' needs importance=DIR, the pre-trained LLM's textual importance map (`textkeep importance`).",
+            )
+            need(
+                Path(self.importance).is_dir(),
+                f"importance map directory '{self.importance}' does not exist; compute it with `textkeep importance` first.",
+            )
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -124,7 +140,9 @@ class SpeechExamples(SampleList):
 
         self.model, self.records, self.cache = model, list(records), FeatureCache(model)
         self.lengths = []
-        for start in tqdm(range(0, len(self.records), chunk), desc="speech features", unit="chunk", disable=len(self.records) <= chunk):
+        for start in tqdm(
+            range(0, len(self.records), chunk), desc="speech features", unit="chunk", disable=len(self.records) <= chunk
+        ):
             for s in make_samples(model, self.records[start : start + chunk], "speech", cache=self.cache):
                 self.lengths.append(sample_length(s, model.config.adaptor_k))
 
@@ -145,7 +163,9 @@ class _Stream:
         self._orders: dict[int, list[list[int]]] = {}
         self.per_epoch = len(self.order(0))
         if self.per_epoch == 0:
-            raise TextkeepError(f"{len(lengths)} examples make fewer micro-batches of {batch_size} than there are processes ({world}); use more data.")
+            raise TextkeepError(
+                f"{len(lengths)} examples make fewer micro-batches of {batch_size} than there are processes ({world}); use more data."
+            )
 
     def order(self, epoch: int) -> list[list[int]]:
         if epoch not in self._orders:
@@ -197,10 +217,14 @@ def check_out(out: Path, cfg: TrainConfig, run_info: dict | None = None) -> None
     if not saved_path.is_file():
         return
     if not cfg.resume:
-        raise TextkeepError(f"'{out}' already holds a training run; pass resume=True to continue it, or choose another out.")
+        raise TextkeepError(
+            f"'{out}' already holds a training run; pass resume=True to continue it, or choose another out."
+        )
     saved = json.loads(saved_path.read_text())["args"]
     now = _args(cfg, run_info)
-    changed = sorted(k for k in now.keys() | saved.keys() if k not in ("resume", "save_every", "out") and saved.get(k) != now.get(k))
+    changed = sorted(
+        k for k in now.keys() | saved.keys() if k not in ("resume", "save_every", "out") and saved.get(k) != now.get(k)
+    )
     if changed:
         raise TextkeepError(
             f"resume=True, but {', '.join(f'{k} ({saved.get(k)!r} → {now.get(k)!r})' for k in changed)} differ from the run in '{out}'; "
@@ -257,9 +281,16 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None) 
 
     if main:
         _clean_stale(out)
-        info = {"n_examples": len(data), "micro_batches_per_epoch": stream.per_epoch, "total_steps": total, "warmup_steps": warmup,
-                "effective_batch": cfg.batch_size * cfg.grad_accum * accelerator.num_processes, "processes": accelerator.num_processes,
-                "mixed_precision": precision, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        info = {
+            "n_examples": len(data),
+            "micro_batches_per_epoch": stream.per_epoch,
+            "total_steps": total,
+            "warmup_steps": warmup,
+            "effective_batch": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+            "processes": accelerator.num_processes,
+            "mixed_precision": precision,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
         if ckpt is None:
             write_json(out / "train_config.json", {"args": _args(cfg, run_info), "derived": info})
             if (out / "metrics.jsonl").exists():
@@ -269,8 +300,11 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None) 
         if scales is not None:
             write_json(out / "layer_lr.json", [{"layer": i, "lr_scale": s} for i, s in enumerate(scales)])
             print(_scales_table(scales, cfg.lr))
-        print(f"training {info['trainable_parameters']:,} parameters ({cfg.strategy}) on {len(data)} examples: "
-              f"{total} steps of {info['effective_batch']}" + (f", resuming after step {step} ({ckpt.name})" if ckpt else ""))
+        print(
+            f"training {info['trainable_parameters']:,} parameters ({cfg.strategy}) on {len(data)} examples: "
+            f"{total} steps of {info['effective_batch']}"
+            + (f", resuming after step {step} ({ckpt.name})" if ckpt else "")
+        )
 
     if ckpt is None and cfg.adaptor_warmup_steps:
         adaptor_warmup(accelerator, wrapper, model, data, stream, cfg, out)
@@ -285,7 +319,9 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None) 
             started = time.perf_counter()
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step's update uses
             batches = [stream[micro + j] for j in range(cfg.grad_accum)]
-            loss, n_tokens, n_examples = _accumulate(accelerator, wrapper, model, data, batches, cfg.grad_accum, step + 1, out)
+            loss, n_tokens, n_examples = _accumulate(
+                accelerator, wrapper, model, data, batches, cfg.grad_accum, step + 1, out
+            )
             grad_norm = float(accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM))
             if not math.isfinite(grad_norm):
                 raise _stop(f"gradient norm is {grad_norm}", step + 1, [i for b in batches for i in b], data, out)
@@ -294,8 +330,16 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None) 
             optimizer.zero_grad(set_to_none=True)
             step, micro = step + 1, micro + cfg.grad_accum
             seconds = time.perf_counter() - started
-            row = {"step": step, "epoch": round(micro / stream.per_epoch, 4), "loss": loss, "grad_norm": grad_norm, "lr": lrs,
-                   "examples_per_s": n_examples / seconds, "tokens_per_s": n_tokens / seconds, "seconds": seconds}
+            row = {
+                "step": step,
+                "epoch": round(micro / stream.per_epoch, 4),
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": lrs,
+                "examples_per_s": n_examples / seconds,
+                "tokens_per_s": n_tokens / seconds,
+                "seconds": seconds,
+            }
             if main:
                 _log(out, writer, row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", ex_s=f"{row['examples_per_s']:.1f}")
@@ -308,7 +352,13 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None) 
             writer.close()
 
     model.config.adaptor_trained = True
-    model.config.extra = {**model.config.extra, "strategy": cfg.strategy, "steps": step, "examples": len(data), "train_dir": str(out)}
+    model.config.extra = {
+        **model.config.extra,
+        "strategy": cfg.strategy,
+        "steps": step,
+        "examples": len(data),
+        "train_dir": str(out),
+    }
     if main:
         model.save(out / "model", llm_weights="lora" if cfg.strategy == "lora" else "full")
     accelerator.wait_for_everyone()
@@ -341,7 +391,9 @@ def adaptor_warmup(accelerator, wrapper, model, data, stream: _Stream, cfg: Trai
 
     opt = accelerator.prepare(torch.optim.AdamW(model.adaptor.parameters(), lr=cfg.adaptor_lr, weight_decay=0.0))
     params = list(model.adaptor.parameters())
-    for step in tqdm(range(cfg.adaptor_warmup_steps), desc="adaptor warm-up", unit="step", disable=not accelerator.is_main_process):
+    for step in tqdm(
+        range(cfg.adaptor_warmup_steps), desc="adaptor warm-up", unit="step", disable=not accelerator.is_main_process
+    ):
         batches = [stream[step * cfg.grad_accum + j] for j in range(cfg.grad_accum)]
         _accumulate(accelerator, wrapper, model, data, batches, cfg.grad_accum, step + 1, out)
         accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -352,7 +404,11 @@ def adaptor_warmup(accelerator, wrapper, model, data, stream: _Stream, cfg: Trai
 def _stop(what: str, step: int, idx: list[int], data, out: Path) -> TextkeepError:
     ids = [s.id for s in data.samples(idx)] if hasattr(data, "samples") else idx
     last = _last_checkpoint(out)
-    keep = f"the last good checkpoint is '{last}' (resume=True continues from it)" if last else "no checkpoint was written yet"
+    keep = (
+        f"the last good checkpoint is '{last}' (resume=True continues from it)"
+        if last
+        else "no checkpoint was written yet"
+    )
     return TextkeepError(
         f"{what} at step {step} (micro-batch of samples {', '.join(map(str, ids[:8]))}{'…' if len(ids) > 8 else ''}); training stopped, "
         f"{keep}. Lower lr (or add adaptor warm-up), or check those samples' audio and response."
@@ -367,7 +423,9 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    found = [p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "state.json").is_file() and p.name[5:].isdigit()]
+    found = [
+        p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "state.json").is_file() and p.name[5:].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -376,20 +434,28 @@ def _last_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(accelerator, out: Path, model, optimizer, scheduler, step: int, micro: int, stream: _Stream) -> None:
+def _save_checkpoint(
+    accelerator, out: Path, model, optimizer, scheduler, step: int, micro: int, stream: _Stream
+) -> None:
     from safetensors.torch import save_file
 
     if accelerator.is_main_process:
         epoch, batch = divmod(micro, stream.per_epoch)
         with atomic_dir(out / "checkpoints" / f"step-{step}") as tmp:
-            save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(tmp / "trainable.safetensors"))
+            save_file(
+                {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+                str(tmp / "trainable.safetensors"),
+            )
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, tmp / "rng.pt")
-            write_json(tmp / "state.json", {"step": step, "micro": micro, "epoch": epoch, "batch": batch, "order": stream.order(epoch)})
+            write_json(
+                tmp / "state.json",
+                {"step": step, "micro": micro, "epoch": epoch, "batch": batch, "order": stream.order(epoch)},
+            )
         for old in _checkpoints(out)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -401,7 +467,9 @@ def _load_weights(model, ckpt: Path) -> None:
     state, params = load_file(str(ckpt / "trainable.safetensors")), _trainable(model)
     if state.keys() != params.keys():
         diff = sorted(state.keys() ^ params.keys())
-        raise TextkeepError(f"checkpoint '{ckpt}' holds other trainable parameters than this setup (first: '{diff[0]}'); resume with the run's own settings.")
+        raise TextkeepError(
+            f"checkpoint '{ckpt}' holds other trainable parameters than this setup (first: '{diff[0]}'); resume with the run's own settings."
+        )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n])
@@ -548,10 +616,14 @@ def _load_model(name: str, encoder: str, strategy: str, seed: int, encoder_polic
     ckpt = Path(name) if (Path(name) / CONFIG_FILE).is_file() else Path(name) / "model"
     kind = json.loads((ckpt / CONFIG_FILE).read_text())["llm_weights"]
     if kind == "lora":
-        raise TextkeepError(f"'{name}' is a LoRA checkpoint; merge it first (merge_lora('{name}', DIR)) and train from DIR.")
+        raise TextkeepError(
+            f"'{name}' is a LoRA checkpoint; merge it first (merge_lora('{name}', DIR)) and train from DIR."
+        )
     model = SpeechLLM.load(ckpt)
     if model.encoder is None:
-        raise TextkeepError(f"checkpoint '{name}' has no speech encoder; training needs one (build from an LLM with encoder=…).")
+        raise TextkeepError(
+            f"checkpoint '{name}' has no speech encoder; training needs one (build from an LLM with encoder=…)."
+        )
     if kind == "full" and strategy == "lora":
         model.config.llm = str((ckpt / "llm").resolve())  # the LoRA checkpoint's base is this LLM, not the original one
     return model
@@ -567,7 +639,9 @@ def _training_records(data: str, spoken: Path | None, split_file: Path | None, l
         records = apply_split_ids(records, Path(split_file)).train
     manifest = Path(spoken) if spoken is not None else spoken_manifest(data)
     if spoken is not None and not manifest.is_file():
-        raise TextkeepError(f"spoken manifest '{manifest}' does not exist; make it with `textkeep speak {data} --out DIR` and pass DIR/manifest.jsonl.")
+        raise TextkeepError(
+            f"spoken manifest '{manifest}' does not exist; make it with `textkeep speak {data} --out DIR` and pass DIR/manifest.jsonl."
+        )
     if manifest.is_file():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # counted below
@@ -579,7 +653,10 @@ def _training_records(data: str, spoken: Path | None, split_file: Path | None, l
             f"instructions with `textkeep speak {data} --out DIR` and pass spoken=DIR/manifest.jsonl."
         )
     if len(with_audio) < len(records):
-        warnings.warn(f"{len(records) - len(with_audio)} of {len(records)} records of '{data}' have no audio; training on the {len(with_audio)} that do.", stacklevel=3)
+        warnings.warn(
+            f"{len(records) - len(with_audio)} of {len(records)} records of '{data}' have no audio; training on the {len(with_audio)} that do.",
+            stacklevel=3,
+        )
     return with_audio[:limit] if limit else with_audio
 
 
@@ -589,7 +666,9 @@ def merge_lora(ckpt_dir: Path, out_dir: Path) -> Path:
 
     model = SpeechLLM.load(ckpt_dir)
     if not hasattr(model.llm, "peft_config"):
-        raise TextkeepError(f"'{ckpt_dir}' is not a LoRA checkpoint (its LLM weights are already full); use it as it is.")
+        raise TextkeepError(
+            f"'{ckpt_dir}' is not a LoRA checkpoint (its LLM weights are already full); use it as it is."
+        )
     model.llm = model.llm.merge_and_unload()
     model.config.extra = {**model.config.extra, "merged_from": str(ckpt_dir)}
     return model.save(out_dir, llm_weights="full")
