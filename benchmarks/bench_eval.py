@@ -48,7 +48,8 @@ def main() -> None:
         rows.append((mode, t_single, t_batched, same))
 
     print(
-        f"{args.n} LLaMA Questions, batch {args.batch_size}, greedy, max {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads\n"
+        f"{args.n} LLaMA Questions, batch {args.batch_size}, greedy, max {args.max_new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads\n"
     )
     print("| mode | one at a time (s) | batched (s) | q/s batched | speed-up | identical answers |")
     print("|---|---|---|---|---|---|")

@@ -75,7 +75,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     print(
-        f"{args.n} utterances ({seconds_of_audio / args.n:.1f} s of audio each on average), encoder {args.encoder}, batch {args.batch_size}, {torch.get_num_threads()} threads\n"
+        f"{args.n} utterances ({seconds_of_audio / args.n:.1f} s of audio each on average), encoder {args.encoder}, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads\n"
     )
     print("| encoder input | s / utterance | × faster than pad30 |")
     print("|---|---|---|")
@@ -87,7 +88,8 @@ def main() -> None:
     print(f"| first epoch, filling the cache | {fill:.4f} | {1000 * fill:.0f} s |")
     print(f"| warm cache | {warm:.4f} | {1000 * warm:.1f} s |")
     print(
-        f"\nwarm cache vs recompute: {per_utt['pad30'] / warm:.0f}× faster; cache on disk {size / args.n / 1024:.0f} KiB per utterance "
+        f"\nwarm cache vs recompute: {per_utt['pad30'] / warm:.0f}× faster; "
+        f"cache on disk {size / args.n / 1024:.0f} KiB per utterance "
         f"({size / args.n * 1000 / 2**20:.0f} MiB per 1,000)"
     )
 

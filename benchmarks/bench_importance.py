@@ -3,7 +3,8 @@
     python benchmarks/bench_importance.py                      # CPU: SmolLM2-135M's shape cut to 2 layers, fp32
     python benchmarks/bench_importance.py --layers 0           # ... all 30 layers (slow on 2 cores)
     python benchmarks/bench_importance.py --pretrained         # the real smollm2-135m-instruct weights
-    python benchmarks/bench_importance.py --device cuda --shape llama-3.2-1b --marginal   # random-init bf16 (or llama-3.1-8b)
+    python benchmarks/bench_importance.py --device cuda --shape llama-3.2-1b --marginal
+                                                               # random-init bf16 (or llama-3.1-8b)
 
 Targets: time(importance) / time(plain) ≤ 1.05; peak memory of `paper` ≤ plain, of `abs`/`fisher` ≤ plain + one
 fp32 copy of the parameters. With bf16 weights `paper` also keeps an fp32 accumulator, so its bound is that of abs.
@@ -242,7 +243,8 @@ def main():
     slack = 0.01 * fp32_copy  # page granularity and small Python objects
     print(f"\none fp32 copy of the parameters: {mib(fp32_copy):.1f} MiB (bounds allow {mib(slack):.1f} MiB of slack)")
     print(
-        f"{'pass':7} {'wall s':>7} {'÷plain':>7} {'cpu s':>7} {'÷plain':>7} {'peak MiB':>9} {'−plain':>7} {'glibc MiB':>10}  memory bound"
+        f"{'pass':7} {'wall s':>7} {'÷plain':>7} {'cpu s':>7} {'÷plain':>7} "
+        f"{'peak MiB':>9} {'−plain':>7} {'glibc MiB':>10}  memory bound"
     )
     for k in kinds:
         bound = plain_m + (0 if k == "paper" and args.dtype == "fp32" else fp32_copy)
@@ -253,13 +255,16 @@ def main():
             else f"{'≤ plain' if bound == plain_m else '≤ plain + fp32 copy'}: {'ok' if m <= bound + slack else 'OVER'}"
         )
         print(
-            f"{k:7} {min(wall[k]):7.2f} {min(wall[k]) / min(wall['plain']):7.3f} {min(cpu[k]):7.2f} {min(cpu[k]) / min(cpu['plain']):7.3f} "
-            f"{mib(m):9.1f} {mib(m - plain_m):7.1f} {mib(peaks['glibc'][k]) if not on_gpu else float('nan'):10.1f}  {verdict}"
+            f"{k:7} {min(wall[k]):7.2f} {min(wall[k]) / min(wall['plain']):7.3f} "
+            f"{min(cpu[k]):7.2f} {min(cpu[k]) / min(cpu['plain']):7.3f} "
+            f"{mib(m):9.1f} {mib(m - plain_m):7.1f} "
+            f"{mib(peaks['glibc'][k]) if not on_gpu else float('nan'):10.1f}  {verdict}"
         )
     if wall_half:
         d_plain = min(wall["plain"]) - wall_half["plain"]
         print(
-            f"\nper-batch (marginal) cost, from {len(samples)} vs {len(half)} examples: wall ÷ plain's, and the fixed cost per map"
+            f"\nper-batch (marginal) cost, from {len(samples)} vs {len(half)} examples: "
+            "wall ÷ plain's, and the fixed cost per map"
         )
         for k in kinds[1:]:
             d = min(wall[k]) - wall_half[k]

@@ -1,6 +1,7 @@
 """Stage-1 training throughput: textkeep's loop vs a LLaMA-Omni-style loop, and seconds per step for each strategy.
 
-    python benchmarks/bench_train.py [--n 32] [--batch-size 8] [--grad-accum 4] [--steps 1] [--model smollm2-135m-instruct] [--threads 1]
+    python benchmarks/bench_train.py [--n 32] [--batch-size 8] [--grad-accum 4] [--steps 1]
+                                     [--model smollm2-135m-instruct] [--threads 1]
 
 Side by side in one run, on the same N spoken instructions and the same model (full fine-tuning, lr 2e-5, batch B):
 - textkeep: `train()` for one epoch: encoder frames from the feature cache (cropped to the real audio), length-grouped
@@ -137,18 +138,17 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    from textkeep.train.config import TrainConfig
     from textkeep.train.trainer import train
 
     data, manifest, records = _records(args.n)
     n = len(records)
     root = Path(tempfile.mkdtemp(prefix="textkeep-bench-train-"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    common = dict(
-        model=args.model, encoder=args.encoder, data=data, spoken=manifest, limit=n, lr=2e-5, save_every=10**6
-    )
+    common = dict(model=args.model, encoder=args.encoder, data=data, spoken=manifest, limit=n)
 
     def run(name: str, **kw) -> list[dict]:
-        out = train(out=root / name, **common, **kw)
+        out = train(out=root / name, **common, train=TrainConfig(lr=2e-5, save_every=10**6, **kw))
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     try:

@@ -44,7 +44,7 @@ def test_paper_settings_in_the_paper_profiles():
     "text,match",
     [
         ("train: {lam: 1.5}", r"lam must be in \[0, 1\]"),
-        ("train: {strategies: [full, magic]}", "magic"),
+        ("strategies: [full, magic]", "magic"),
         ("trian: {}", "unknown config key"),
         ("data: {n_examples: 5, test_size: 10}", "must exceed"),
     ],

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 def _config(tmp: Path) -> Path:
     text = (ROOT / "configs" / "study" / "tiny.yaml").read_text()
-    text = text.replace("  voices: flite:kal\n", f"  voices: flite:kal\n  spoken_dir: {tmp / 'spoken'}\n")
+    text = text.replace("  voices: [flite:kal]\n", f"  voices: [flite:kal]\n  spoken_dir: {tmp / 'spoken'}\n")
     path = tmp / "tiny.yaml"
     path.write_text(text)
     return path

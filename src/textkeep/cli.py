@@ -1,238 +1,43 @@
 """The `textkeep` command: each subcommand is a plain function; `--config FILE.yaml` fills its arguments.
 
-Options are written with dashes or underscores alike (`--max-new-tokens` = `--max_new_tokens`);
-YAML configs use the Python argument names.
+Options are written with dashes or underscores alike (`--max-new-tokens` = `--max_new_tokens`); a list option
+takes YAML or commas alike (`--sets '[a, b]'` = `--sets a,b`). YAML configs use the Python argument names.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import os
 import sys
-import time
-from pathlib import Path
+import types
+import typing
 
 from textkeep.errors import TextkeepError
 
 
-def models(prepare: str | None = None, force: bool = False) -> None:
-    """List the model registry, or convert and cache the named models (`--prepare smollm2-135m-instruct,whisper-base`).
-
-    Args:
-        prepare: registry names to convert into the cache now, comma-separated.
-        force: convert again even when the cache is up to date.
-    """
-    from textkeep.model import registry
-
-    names = [n.strip() for n in (prepare or "").split(",") if n.strip()]
-    if not names:
-        print(f"{'name':24} {'prepared':9} description")
-        for m in registry.REGISTRY.values():
-            print(f"{m.name:24} {'yes' if registry.is_prepared(m.name) else 'no':9} {m.description}")
-        print(f"\ncache: {registry.converted_dir('x').parent}")
-        return
-    for name in names:
-        if name not in registry.REGISTRY:
-            raise TextkeepError(f"'{name}' is not in the registry; choose from: {', '.join(registry.REGISTRY)}")
-        cached = registry.is_prepared(name) and not force
-        started = time.time()
-        path = registry.prepare(name, force=force)
-        print(f"{name}: {'cached' if cached else 'converted'} in {time.time() - started:.1f} s → {path}")
-
-
-def answer(
-    text: str | None = None,
-    audio: Path | None = None,
-    model: str = "smollm2-135m-instruct",
-    encoder: str = "whisper-base",
-    max_new_tokens: int = 64,
-) -> str:
-    """Answer one question, typed (--text) or spoken (--audio FILE.wav).
-
-    Args:
-        text: the question as text (the text-to-text path).
-        audio: a WAV/FLAC file of the spoken question (the speech-to-text path).
-        model: a textkeep checkpoint directory, or an LLM (registry name, local directory or hub id) to wrap with a new adaptor.
-        encoder: the Whisper encoder to use when `model` is an LLM rather than a checkpoint.
-        max_new_tokens: the longest answer, in tokens.
-    """
-    from textkeep.model.audio import load_audio
-    from textkeep.model.speech_llm import Sample, SpeechLLM, is_checkpoint
-
-    if (text is None) == (audio is None):
-        raise TextkeepError('give exactly one of --text "question" or --audio FILE.wav')
-    speech_llm = SpeechLLM.load(model) if is_checkpoint(model) else SpeechLLM.build(model, encoder if audio else None)
-    if audio is not None:
-        waveform = load_audio(audio)
-        if not speech_llm.config.adaptor_trained:
-            print(
-                "note: this adaptor is untrained (freshly initialised), so the LLM cannot understand the audio yet and the "
-                "answer below is noise. Train one with `textkeep train` and pass its checkpoint as --model.",
-                file=sys.stderr,
-            )
-        sample = Sample(speech=speech_llm.encode_audio([waveform])[0], id=str(audio))
-    else:
-        sample = Sample(text=text)
-    reply = speech_llm.generate([sample], max_new_tokens=max_new_tokens)[0]
-    print(reply)
-    return reply
-
-
-def load_model(model: str, encoder: str | None):
-    """A checkpoint directory loads as saved; an LLM name gets `encoder` and a fresh adaptor."""
-    from textkeep.model.speech_llm import SpeechLLM, is_checkpoint
-
-    return SpeechLLM.load(model) if is_checkpoint(model) else SpeechLLM.build(model, encoder)
-
-
-def eval_qa(
-    model: str = "smollm2-135m-instruct",
-    sets: str = "llama-questions,web-questions",
-    modes: str = "t2t,s2t",
-    out: Path = Path("runs/eval"),
-    limit: int | None = None,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    encoder: str = "whisper-base",
-    spoken: dict[str, str] | None = None,
-    show: bool = False,
-) -> dict:
-    """Spoken-QA accuracy, text-to-text (t2t) and speech-to-text (s2t), with 95% intervals.
-
-    Args:
-        model: a textkeep checkpoint directory, or an LLM (No-FT baseline; s2t then uses an untrained adaptor).
-        sets: comma-separated: llama-questions, web-questions, or a QA file.
-        modes: comma-separated: t2t, s2t.
-        out: folder for predictions.jsonl, metrics.json and table.md; a rerun resumes there.
-        limit: only the first N questions of each set.
-        batch_size: questions generated together (length-sorted, left-padded).
-        max_new_tokens: the longest answer, in tokens.
-        encoder: the Whisper encoder when `model` is an LLM and s2t is asked for.
-        spoken: set name → TTS manifest for sets without recorded speech (default: the cache's spoken/<set>/).
-        show: print every question, answer and verdict.
-    """
-    from textkeep.eval.qa import evaluate, results_table
-
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    set_list = [s.strip() for s in sets.split(",") if s.strip()]
-    started = time.time()
-    speech_llm = load_model(model, encoder if "s2t" in mode_list else None)
-    loaded = time.time()
-    metrics = evaluate(
-        speech_llm,
-        set_list,
-        mode_list,
-        out,
-        limit=limit,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        spoken=spoken,
-        model_name=model,
-        show=show,
-    )
-    print(results_table({model: metrics["results"]}))
-    for scorer in ("has_answer", "contains"):
-        parts = [
-            f"{s}/{m}: {100 * r[scorer]['accuracy']:.1f}% (n={r[scorer]['n']})"
-            for s, by_mode in metrics["results"].items()
-            for m, r in by_mode.items()
-        ]
-        print(f"{scorer:10} " + ", ".join(parts))
-    print(f"model load {loaded - started:.1f} s, evaluation {time.time() - loaded:.1f} s; results in {out}/")
-    return metrics
-
-
-def speak(
-    data: str,
-    out: Path | None = None,
-    voices: str = "piper:joe,flite:kal,flite:slt,flite:awb,flite:rms",
-    limit: int | None = None,
-    max_query_words: int | None = 50,
-    seed: int = 0,
-    skip_bad: bool = False,
-) -> Path:
-    """Synthesize a spoken version of a dataset offline (several voices), resumable, with a manifest.
-
-    Args:
-        data: a dataset name (web-questions, alpaca, alpaca-gpt4, …) or a JSON/JSONL file of Alpaca or QA records.
-        out: output folder (wav/ and manifest.jsonl); default: the cache's spoken/<data>/, where eval and train look.
-        voices: comma-separated voices: piper:joe, flite:kal, flite:kal16, flite:awb, flite:rms, flite:slt.
-        limit: speak only the first N records (after filtering).
-        max_query_words: leave out queries longer than this (Whisper hears at most 30 s; 50 words ≈ 20 s).
-        seed: which voice speaks which item (by item id, so adding items reshuffles nothing).
-        skip_bad: skip items that cannot be spoken and list them in bad.jsonl, instead of stopping.
-    """
-    from textkeep.data.datasets import filter_records, load_dataset
-    from textkeep.data.speak import speak as speak_records
-    from textkeep.eval.qa import spoken_manifest
-
-    records = load_dataset(data, skip_bad=skip_bad)
-    if max_query_words is not None:
-        records = filter_records(records, max_query_words=max_query_words)
-    out = Path(out) if out is not None else spoken_manifest(data).parent
-    started = time.time()
-    manifest = speak_records(
-        records,
-        out,
-        voices=[v.strip() for v in voices.split(",") if v.strip()],
-        seed=seed,
-        limit=limit,
-        skip_bad=skip_bad,
-    )
-    print(f"{manifest}: {sum(1 for _ in open(manifest))} utterances, {time.time() - started:.0f} s")
-    return manifest
-
-
-def features(
-    data: str,
-    spoken: Path | None = None,
-    encoder: str = "whisper-base",
-    encoder_policy: str = "pad30",
-    keep_padding: bool = False,
-    checkpoint: str | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-) -> None:
-    """Fill the speech feature cache ahead of time (the frozen encoder's output for every audio file of a dataset).
-
-    Args:
-        data: a dataset with audio (llama-questions) or whose spoken version exists (see `textkeep speak`).
-        spoken: the TTS manifest when the dataset has no recorded audio; default: the cache's spoken/<data>/.
-        encoder: the Whisper encoder.
-        encoder_policy: pad30 (Whisper's 30 s window) or trim (real-length input); see docs/design.md.
-        keep_padding: keep all 1500 frames (LLaMA-Omni) instead of those covering the audio.
-        checkpoint: a textkeep checkpoint whose encoder and policy to use instead of the three options above.
-        limit: only the first N records that have audio.
-        batch_size: utterances encoded together.
-    """
-    from textkeep.data.features import FeatureCache
-    from textkeep.eval.qa import load_qa_set
-    from textkeep.model.speech_llm import SpeechLLM
-
-    records = load_qa_set(data, {data: str(spoken)} if spoken else None, need_audio=True, partial=True)[:limit]
-    if checkpoint:
-        speech_llm = SpeechLLM.load(checkpoint)
-    else:  # the LLM plays no part in encoding; the tiny one keeps memory and start-up small
-        speech_llm = SpeechLLM.build("tiny-llama", encoder, encoder_policy=encoder_policy, keep_padding=keep_padding)
-    cache = FeatureCache(speech_llm)
-    started = time.time()
-    cache.frames(records, batch_size=batch_size)
-    print(f"{len(records)} utterances cached in {cache.dir} ({time.time() - started:.0f} s)")
-
-
 @functools.cache
 def _commands() -> dict:
-    # Workflow modules are imported lazily by their functions; these imports only fetch the function objects.
-    from textkeep.importance.analysis import importance_change, importance_clusters, importance_layers, importance_shift
+    # Each command lives with the code it runs; heavy libraries (transformers, …) are imported inside the functions.
+    from textkeep.data.features import features
+    from textkeep.data.speak import speak_command
+    from textkeep.eval.answer import answer
+    from textkeep.eval.qa import eval_qa
+    from textkeep.importance.change import importance_change
+    from textkeep.importance.clusters import importance_clusters
     from textkeep.importance.compute import importance_compute
     from textkeep.importance.deactivation import importance_deactivate
+    from textkeep.importance.layers import importance_layers
+    from textkeep.importance.shift import importance_shift
+    from textkeep.model.registry import models
     from textkeep.study import study
     from textkeep.train.trainer import merge_lora, train
 
     return {
         "models": models,
         "answer": answer,
-        "speak": speak,
+        "speak": speak_command,
         "features": features,
         "importance": {
             "compute": importance_compute,
@@ -256,13 +61,38 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def _is_list(annotation) -> bool:
+    """`list[X]` or `list[X] | None` (also as an unresolved annotation string)."""
+    if isinstance(annotation, str):
+        return annotation.replace(" ", "").startswith(("list[", "List[", "Optional[list[", "Optional[List["))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return annotation is list or typing.get_origin(annotation) is list
+
+
+def _types(command) -> dict:
+    """The command's parameter annotations, resolved where they can be (the modules use postponed annotations)."""
+    try:
+        return typing.get_type_hints(command)
+    except Exception:  # a name only imported for type checkers: the annotation strings still say list or bool
+        return {n: p.annotation for n, p in inspect.signature(command).parameters.items()}
+
+
+def _as_list(value: str) -> str:
+    """A list option's value as jsonargparse reads it: YAML (`[a, b]`) or `null` as typed, commas (`a,b`) split."""
+    if value.lstrip().startswith("[") or value.strip() == "null":
+        return value
+    # Quoted items: bare YAML would read `yes`, `1` or `null` as a bool, a number or None, which list[str] refuses;
+    # jsonargparse still turns a quoted item into the declared item type (Path, float, …).
+    return json.dumps([item.strip() for item in value.split(",") if item.strip()], ensure_ascii=False)
+
+
 def _normalise_argv(argv: list[str]) -> list[str]:
     """Accept what users type, then hand jsonargparse its own form:
-    `--foo-bar` → `--foo_bar`; a bare boolean flag (`--show`) → `--show true`; and a required argument given as an
+    `--foo-bar` → `--foo_bar`; a bare boolean flag (`--show`) → `--show true`; a list option in the comma form
+    (`--sets a,b`) → YAML (`--sets '["a", "b"]'`), YAML as typed; and a required argument given as an
     option (`--model X`) → the positional it is (so `importance compute --model X --data Y` and
     `importance compute X Y` are the same command)."""
-    import inspect
-
     out: list[str] = []
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2:
@@ -277,7 +107,9 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     if command is None or any(a in ("-h", "--help") for a in out):
         return out
     params = inspect.signature(command).parameters
-    flags = {f"--{n}" for n, p in params.items() if p.annotation in (bool, "bool")}
+    annotations = _types(command)
+    flags = {f"--{n}" for n in params if annotations.get(n) in (bool, "bool")}
+    lists = {n for n in params if _is_list(annotations.get(n))}
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
     given: dict[str, str] = {}
     positional: list[str] = []
@@ -292,6 +124,8 @@ def _normalise_argv(argv: list[str]) -> list[str]:
             continue
         name, eq, value = arg[2:].partition("=")
         following = rest[i + 1] if i + 1 < len(rest) else None
+        if following is not None and name in lists and not eq:
+            following = _as_list(following)
         if (
             arg in flags
             and not eq
@@ -300,7 +134,7 @@ def _normalise_argv(argv: list[str]) -> list[str]:
             options += [arg, "true"]
             i += 1
         elif name == "print_config" or eq:
-            options.append(arg)
+            options.append(f"--{name}={_as_list(value)}" if name in lists else arg)
             i += 1
         elif name in required and following is not None:
             given[name] = following
@@ -310,6 +144,7 @@ def _normalise_argv(argv: list[str]) -> list[str]:
             i += 2
     fill = iter(positional)
     ordered = [given[n] if n in given else next(fill, None) for n in required]
+    ordered = [_as_list(v) if n in lists and v is not None else v for n, v in zip(required, ordered)]
     ordered = [v for v in ordered if v is not None] + list(fill)
     return out[:n_cmd] + ordered + options
 

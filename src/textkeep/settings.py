@@ -23,12 +23,13 @@ def data_dir(required: bool = True) -> Path | None:
         path = Path(value).expanduser()
         if not path.is_dir():
             raise TextkeepError(
-                f"TEXTKEEP_DATA_DIR={value} is not a directory; point it at the folder that holds llama_questions/, webquestions/ and alpaca/."
+                f"TEXTKEEP_DATA_DIR={value} is not a directory; "
+                "point it at the folder that holds llama_questions/, webquestions/ and alpaca/."
             )
         return path
     if required:
         raise TextkeepError(
-            "No data directory: set TEXTKEEP_DATA_DIR to the folder that holds llama_questions/, webquestions/ and alpaca/ "
-            "(the Makefile sets it to ../shared/data), or pass a hub id if you have a network."
+            "No data directory: set TEXTKEEP_DATA_DIR to the folder that holds llama_questions/, webquestions/ "
+            "and alpaca/ (the Makefile sets it to ../shared/data), or pass a hub id if you have a network."
         )
     return None

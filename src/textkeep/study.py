@@ -23,18 +23,21 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from textkeep.data.speak import DEFAULT_VOICES
 from textkeep.errors import TextkeepError
 from textkeep.fileio import write_json, write_text
+from textkeep.layout import LABELS, STAGES, StudyLayout, label
+from textkeep.runtime import on_device, process_state
+from textkeep.train.config import TrainConfig, check_lora, check_strategy
 
-STAGES = ("data", "base-importance", "train", "importance", "analysis", "eval", "report")
 # What each stage reads from the config, and which stages' outputs it reads.
 DEPENDS = {
     "data": (("llm", "encoder", "encoder_policy", "seed", "data", "eval"), ()),
     "base-importance": (("llm", "importance"), ("data",)),
-    "train": (("llm", "encoder", "encoder_policy", "train"), ("data", "base-importance")),
+    "train": (("llm", "encoder", "encoder_policy", "train", "strategies", "lora_ranks"), ("data", "base-importance")),
     "importance": (("importance",), ("train",)),
     "analysis": (("analysis",), ("importance",)),
     "eval": (("eval",), ("train",)),
@@ -42,87 +45,164 @@ DEPENDS = {
 }
 
 
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise TextkeepError(f"bad study setting: {what}")
+
+
 @dataclass
 class DataConfig:
-    train: str = "alpaca-gpt4"  # instruction data, spoken by our TTS
-    n_examples: int = 600  # instructions synthesized (training + test split)
-    test_size: int = 100  # the paper: 500 held-out examples
-    importance_fraction: float = 1 / 30  # the paper: importance on 1/30 of the training data
+    """The spoken training set and its splits."""
+
+    train: str = "alpaca-gpt4"
+    """instruction data set, spoken by textkeep's TTS."""
+    n_examples: int = 600
+    """instructions synthesized (training + test split)."""
+    test_size: int = 100
+    """held-out examples (the paper: 500)."""
+    importance_fraction: float = 1 / 30
+    """share of the training split that importance maps score (the paper: 1/30)."""
     max_query_words: int = 50
-    max_response_tokens: int | None = None  # drop longer responses (LLM tokens); caps training memory on small machines
-    voices: str = "piper:joe,flite:kal,flite:slt,flite:awb,flite:rms"
-    spoken_dir: str | None = None  # where spoken sets go; default: the cache's spoken/<set>/
+    """leave out longer instructions (Whisper hears at most 30 s; 50 words ≈ 20 s)."""
+    max_response_tokens: int | None = None
+    """drop longer responses (LLM tokens); caps training memory on small machines."""
+    voices: list[str] = field(default_factory=lambda: list(DEFAULT_VOICES))
+    """TTS voices, each item spoken by one of them (seeded)."""
+    spoken_dir: str | None = None
+    """where spoken sets go; default: the cache's spoken/<set>/."""
+
+    def __post_init__(self):
+        _need(
+            self.test_size >= 1 and self.n_examples > self.test_size,
+            f"data.n_examples ({self.n_examples}) must exceed data.test_size ({self.test_size}), which must be ≥ 1",
+        )
+        _need(
+            0 < self.importance_fraction <= 1,
+            f"data.importance_fraction must be in (0, 1], got {self.importance_fraction}",
+        )
+        _need(bool(self.voices), "data.voices needs at least one voice (e.g. [flite:kal])")
 
 
 @dataclass
 class ImportanceConfig:
+    """Importance maps (Eq. 2) of the base LLM and of every fine-tuned model."""
+
     mode: str = "paper"
+    """paper, abs or fisher (importance/compute.py)."""
     batch_size: int = 8
-    limit: int | None = None  # cap on importance examples (the split's size otherwise)
-    # Two more base maps, each on one half of the importance split: how far apart maps of the same model drift by
-    # sampling alone. The report's shift verdicts count a difference only when it exceeds this floor.
+    """examples per forward/backward pass."""
+    limit: int | None = None
+    """cap on importance examples (the split's size otherwise)."""
     noise_floor: bool = True
+    """two more base maps, each on one half of the importance split: how far maps of one model drift by sampling
+    alone. Shift verdicts count a difference only beyond this floor."""
 
+    def __post_init__(self):
+        from textkeep.importance.compute import MODES
 
-@dataclass
-class TrainConfig:
-    strategies: list[str] = field(default_factory=lambda: ["full", "layer-lr", "lora"])
-    lora_rank: int = 8  # the paper: 8 for 1B, 16 for 8B
-    lora_ranks: list[int] = field(default_factory=lambda: [8, 16, 24])  # Table 3's ablation; [] to skip
-    lam: float = 0.4
-    lr: float = 2e-5
-    epochs: float = 3
-    batch_size: int = 8
-    grad_accum: int = 4
-    max_steps: int | None = None
-    save_every: int = 50
-    adaptor_warmup_steps: int = 0
-    adaptor_lr: float = 1e-3
-    gradient_checkpointing: bool = False
+        _need(self.mode in MODES, f"importance.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
 @dataclass
 class AnalysisConfig:
+    """Deactivation (Table 1) and the drawn layer (Figs 1, 4)."""
+
     deactivation_percent: float = 3.0
+    """share of parameters zeroed in each condition."""
     deactivation_limit: int = 100
+    """held-out examples whose response perplexity is measured."""
     deactivation_scope: str = "tensor"
-    deactivation_include_norms: bool = True  # false: weight matrices only (norms' bottom entries are not small)
-    layer: int | None = None  # the layer drawn in Figs 1 and 4 (default: the middle one)
+    """tensor (each tensor loses its own p%) or global (one threshold)."""
+    deactivation_include_norms: bool = True
+    """false: weight matrices only (norms' bottom entries are not small)."""
+    layer: int | None = None
+    """the layer drawn in Figs 1 and 4 (default: the middle one)."""
 
 
 @dataclass
 class EvalConfig:
+    """Spoken QA (Tables 2, 3)."""
+
     sets: list[str] = field(default_factory=lambda: ["llama-questions", "web-questions"])
+    """QA sets, each asked typed (T2T) and spoken (S2T)."""
     limit: int | None = None
+    """only the first N questions of each set."""
     batch_size: int = 16
+    """questions generated together."""
     max_new_tokens: int = 64
+    """the longest answer, in tokens."""
 
 
 @dataclass
 class StudyConfig:
+    """A study profile (configs/study/*.yaml): the models, each stage's settings, and which runs to train."""
+
     profile: str = "study"
+    """the profile's name (default results folder: runs/<profile>/)."""
     llm: str = "smollm2-135m-instruct"
+    """the causal LM (registry name, directory or hub id)."""
     encoder: str = "whisper-base"
+    """the Whisper encoder."""
     encoder_policy: str = "pad30"
+    """pad30 (Whisper's 30 s window, LLaMA-Omni) or trim (the real audio only); docs/design.md."""
     seed: int = 0
+    """seeds the splits, the voices, every run's adaptor, LoRA and data order."""
+    strategies: list[str] = field(default_factory=lambda: ["full", "layer-lr", "lora"])
+    """the Stage-1 runs (each trained with `train`, its strategy set per run)."""
+    lora_ranks: list[int] = field(default_factory=lambda: [8, 16, 24])
+    """Table 3's ablation: a LoRA run per rank ([] to skip); train.lora_rank is the main LoRA run's."""
     data: DataConfig = field(default_factory=DataConfig)
+    """the spoken training set."""
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    """importance maps."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """training settings, the same as `textkeep train --train.KEY` (the study sets strategy, importance and seed
+    per run)."""
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    """deactivation and drawn layer."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """spoken QA."""
+
+    def __post_init__(self):
+        for s in self.strategies:
+            check_strategy(s)
+        for r in self.lora_ranks:
+            check_lora(r, None, 0.0)
+        fixed = [k for k in ("strategy", "importance") if getattr(self.train, k) != getattr(TrainConfig(), k)]
+        _need(
+            not fixed,
+            f"train.{fixed[0] if fixed else ''} is set by the study for each run; use `strategies` (and the base map "
+            "the study computes) instead",
+        )
 
     def run_names(self) -> dict[str, dict]:
-        """Training runs: name → the strategy and rank it uses (the ablation's ranks other than lora_rank included)."""
+        """Training runs: name → the strategy and rank it uses (the ablation's ranks other than lora_rank too)."""
         runs = {}
-        for s in self.train.strategies:
+        for s in self.strategies:
             runs[s] = {"strategy": s, "lora_rank": self.train.lora_rank}
-        for r in self.train.lora_ranks:
+        for r in self.lora_ranks:
             if not ("lora" in runs and r == self.train.lora_rank):
                 runs[f"lora-r{r}"] = {"strategy": "lora", "lora_rank": r}
         return runs
 
 
+def config_keys(cls=StudyConfig, prefix: str = "") -> list[str]:
+    """`key (type, default): help` for every key of a config, from the fields' docstrings (`textkeep study --help`)."""
+    from docstring_parser import parse_from_object
+
+    docs = {p.arg_name: (p.description or "").replace("\n", " ") for p in parse_from_object(cls).params}
+    lines = []
+    for f in fields(cls):
+        if isinstance(f.default_factory, type) and is_dataclass(f.default_factory):  # a section: not built here
+            lines += config_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            lines.append(f"{prefix}{f.name} (default {default!r}): {docs.get(f.name, '')}")
+    return lines
+
+
 def _build(cls, raw: dict, where: str):
+    """A config dataclass from a YAML mapping: unknown keys are refused by name, values checked by the dataclass."""
     if not isinstance(raw, dict):
         raise TextkeepError(f"config section '{where}' must be a mapping, got {type(raw).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -146,25 +226,7 @@ def load_config(path: str | Path) -> StudyConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise TextkeepError(f"'{path}' is not valid YAML: {e}") from None
-    cfg = _build(StudyConfig, raw, path.name)
-    _validate(cfg)
-    return cfg
-
-
-def _validate(cfg: StudyConfig) -> None:
-    bad = [s for s in cfg.train.strategies if s not in ("full", "layer-lr", "lora")]
-    if bad:
-        raise TextkeepError(f"train.strategies has {bad}; choose from full, layer-lr, lora")
-    if not 0 <= cfg.train.lam <= 1:
-        raise TextkeepError(f"train.lam must be in [0, 1] (Eq. 3), got {cfg.train.lam}")
-    if cfg.train.lora_rank <= 0 or any(r <= 0 for r in cfg.train.lora_ranks):
-        raise TextkeepError("LoRA ranks must be positive")
-    if cfg.data.test_size < 1 or cfg.data.n_examples <= cfg.data.test_size:
-        raise TextkeepError(
-            f"data.n_examples ({cfg.data.n_examples}) must exceed data.test_size ({cfg.data.test_size})"
-        )
-    if cfg.importance.mode not in ("paper", "abs", "fisher"):
-        raise TextkeepError(f"importance.mode must be paper, abs or fisher, got {cfg.importance.mode!r}")
+    return _build(StudyConfig, raw, path.name)
 
 
 def _hash(obj) -> str:
@@ -174,7 +236,7 @@ def _hash(obj) -> str:
 class Study:
     def __init__(self, cfg: StudyConfig, out: Path):
         self.cfg, self.out = cfg, Path(out)
-        self.times: dict[str, float] = {}
+        self.layout = StudyLayout(self.out)
         self._hashes: dict[str, str] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
@@ -187,25 +249,24 @@ class Study:
             )
         return self._hashes[stage]
 
+    def _hash_in(self, stamp: Path) -> str | None:
+        return json.loads(stamp.read_text()).get("hash") if stamp.is_file() else None
+
     def done(self, stage: str) -> bool:
-        stamp = self.out / stage / "stage.json"
-        return stamp.is_file() and json.loads(stamp.read_text()).get("hash") == self.stage_hash(stage)
+        return self._hash_in(self.layout.stamp(stage)) == self.stage_hash(stage)
 
     def stale(self, stage: str) -> bool:
         """Outputs of this stage made under another config (or other upstream results): resuming them would mix
         the two, so the stage starts over. Work started under the same hash (a killed run) is resumed."""
-        for stamp in (self.out / stage / "started.json", self.out / stage / "stage.json"):
-            if stamp.is_file() and json.loads(stamp.read_text()).get("hash") != self.stage_hash(stage):
-                return True
-        return False
+        stamps = (self.layout.started(stage), self.layout.stamp(stage))
+        return any(self._hash_in(p) not in (None, self.stage_hash(stage)) for p in stamps)
 
     def item_done(self, stage: str, item: str) -> bool:
-        stamp = self.out / stage / item / "done.json"
-        return stamp.is_file() and json.loads(stamp.read_text()).get("hash") == self.stage_hash(stage)
+        return self._hash_in(self.layout.item_stamp(stage, item)) == self.stage_hash(stage)
 
     def mark_item(self, stage: str, item: str) -> None:
         if process_state().is_main_process:
-            write_json(self.out / stage / item / "done.json", {"hash": self.stage_hash(stage)})
+            write_json(self.layout.item_stamp(stage, item), {"hash": self.stage_hash(stage)})
 
     def run(self, force: set[str] = frozenset(), only: set[str] | None = None) -> Path:
         """Under `accelerate launch` every process runs this: all of them train (accelerate splits the batches);
@@ -214,7 +275,7 @@ class Study:
         main = state.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "config.json", asdict(self.cfg))
+            write_json(self.layout.config, asdict(self.cfg))
         for stage in STAGES:
             if only is not None and stage not in only:
                 continue
@@ -224,8 +285,8 @@ class Study:
                 continue
             if main:
                 if stage in force or self.stale(stage):  # start from nothing: items, checkpoints and predictions too
-                    shutil.rmtree(self.out / stage, ignore_errors=True)
-                write_json(self.out / stage / "started.json", {"hash": self.stage_hash(stage)})
+                    shutil.rmtree(self.layout.stage(stage), ignore_errors=True)
+                write_json(self.layout.started(stage), {"hash": self.stage_hash(stage)})
                 print(f"[study] {stage} …")
             state.wait_for_everyone()
             started = time.time()
@@ -233,7 +294,7 @@ class Study:
                 getattr(self, "stage_" + stage.replace("-", "_"))()
             seconds = round(time.time() - started, 1)
             if main:
-                write_json(self.out / stage / "stage.json", {"hash": self.stage_hash(stage), "seconds": seconds})
+                write_json(self.layout.stamp(stage), {"hash": self.stage_hash(stage), "seconds": seconds})
                 print(f"[study] {stage}: done in {seconds:.0f} s")
             state.wait_for_everyone()
         return self.out
@@ -266,74 +327,56 @@ class Study:
         )
         return records[: d.n_examples]
 
-    def pool_file(self) -> Path:
-        return self.out / "data" / "pool.jsonl"
-
     def splits(self):
         """The data stage's pool (read back from its file: filtering the whole dataset again costs seconds per call),
         with its audio, cut into the saved splits."""
         from textkeep.data.datasets import attach_audio, load_dataset
         from textkeep.data.splits import apply_split_ids
 
-        records = attach_audio(
-            load_dataset(str(self.pool_file())), self.spoken_dir(self.cfg.data.train) / "manifest.jsonl"
-        )
-        return apply_split_ids(records, self.out / "data" / "splits.json")
+        manifest = self.spoken_dir(self.cfg.data.train) / "manifest.jsonl"
+        return apply_split_ids(attach_audio(load_dataset(str(self.layout.pool)), manifest), self.layout.splits)
 
     def spoken_sets(self) -> dict[str, str]:
         return {s: str(self.spoken_dir(s) / "manifest.jsonl") for s in self.cfg.eval.sets if s != "llama-questions"}
 
     def base_model(self, with_encoder: bool = True):
-        from textkeep.model.speech_llm import SpeechLLM
+        from textkeep.model.speech_llm import load_speech_llm
 
-        model = SpeechLLM.build(
-            self.cfg.llm,
-            self.cfg.encoder if with_encoder else None,
-            seed=self.cfg.seed,
-            encoder_policy=self.cfg.encoder_policy,
-        )
+        encoder = self.cfg.encoder if with_encoder else None
+        model = load_speech_llm(self.cfg.llm, encoder, seed=self.cfg.seed, encoder_policy=self.cfg.encoder_policy)
         return on_device(model)
 
-    def trained_model(self, name: str):
-        from textkeep.model.speech_llm import SpeechLLM
+    def trained_model(self, run: str):
+        from textkeep.model.speech_llm import load_speech_llm
 
-        return on_device(SpeechLLM.load(self.run_dir(name)))
-
-    def run_dir(self, name: str) -> Path:
-        return self.out / "train" / name
+        return on_device(load_speech_llm(self.layout.run_dir(run)))
 
     def trained(self) -> dict[str, Path]:
-        return {name: self.run_dir(name) for name in self.cfg.run_names()}
+        return {name: self.layout.run_dir(name) for name in self.cfg.run_names()}
 
     # ---- stages --------------------------------------------------------------------------------------------------
     def stage_data(self) -> None:
+        from textkeep.data.datasets import load_dataset
         from textkeep.data.features import FeatureCache
         from textkeep.data.speak import speak
         from textkeep.data.splits import make_splits, save_split_ids
         from textkeep.eval.qa import QA_SETS, load_qa_set
 
-        voices = [v.strip() for v in self.cfg.data.voices.split(",") if v.strip()]
+        d, voices = self.cfg.data, self.cfg.data.voices
         pool = self.pool()
-        if len(pool) <= self.cfg.data.test_size:
+        if len(pool) <= d.test_size:
             raise TextkeepError(
-                f"only {len(pool)} usable records in '{self.cfg.data.train}'; lower data.test_size or use a larger dataset"
+                f"only {len(pool)} usable records in '{d.train}'; lower data.test_size or use a larger dataset"
             )
-        speak(pool, self.spoken_dir(self.cfg.data.train), voices=voices, seed=self.cfg.seed)
-        splits = make_splits(
-            pool,
-            test_size=self.cfg.data.test_size,
-            importance_fraction=self.cfg.data.importance_fraction,
-            seed=self.cfg.seed,
-        )
-        save_split_ids(splits, self.out / "data")
+        speak(pool, self.spoken_dir(d.train), voices=voices, seed=self.cfg.seed)
+        splits = make_splits(pool, test_size=d.test_size, importance_fraction=d.importance_fraction, seed=self.cfg.seed)
+        save_split_ids(splits, self.layout.splits.parent)
         # The pool itself, so that training reads exactly these records (and the results keep what they came from).
         rows = ({"id": r.id, "instruction": r.instruction, "response": r.response} for r in pool)
-        write_text(self.pool_file(), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_text(self.layout.pool, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         for set_name in self.cfg.eval.sets:
             if set_name == "llama-questions":
                 continue  # recorded speech
-            from textkeep.data.datasets import load_dataset
-
             records = load_dataset(QA_SETS.get(set_name, set_name))[: self.cfg.eval.limit]
             if any(r.audio is None for r in records):
                 speak(records, self.spoken_dir(set_name), voices=voices, seed=self.cfg.seed)
@@ -343,41 +386,34 @@ class Study:
         for set_name in self.cfg.eval.sets:
             cache.frames(load_qa_set(set_name, self.spoken_sets(), need_audio=True, limit=self.cfg.eval.limit))
 
-    def _importance(self, model, records, modality: str, out: Path) -> None:
-        from textkeep.data.samples import make_samples
-        from textkeep.importance.compute import compute_importance
+    def _map(self, model, spec: str, records, modality: str, out: Path) -> None:
+        """One importance map, by the code path of `textkeep importance compute`."""
+        from textkeep.importance.compute import importance_of
 
-        records = records[: self.cfg.importance.limit]
-        imap = compute_importance(
-            model,
-            make_samples(model, records, modality),
-            mode=self.cfg.importance.mode,
-            batch_size=self.cfg.importance.batch_size,
-        )
-        imap.meta.update(
-            {"model": str(out.name), "dataset": self.cfg.data.train, "split": "importance", "seed": str(self.cfg.seed)}
-        )
-        imap.save(out)
+        i = self.cfg.importance
+        meta = {"model": spec, "dataset": self.cfg.data.train, "split": "importance", "seed": self.cfg.seed}
+        importance_of(
+            model, records[: i.limit], modality=modality, mode=i.mode, batch_size=i.batch_size, meta=meta
+        ).save(out)
 
     def stage_base_importance(self) -> None:
         model, records = self.base_model(with_encoder=False), self.splits().importance[: self.cfg.importance.limit]
         if not self.item_done("base-importance", "map"):
-            self._importance(model, records, "text", self.out / "base-importance" / "map")
+            self._map(model, self.cfg.llm, records, "text", self.layout.base_map())
             self.mark_item("base-importance", "map")
         if self.cfg.importance.noise_floor and len(records) >= 2:
             half = len(records) // 2
             for name, part in (("half-a", records[:half]), ("half-b", records[half:])):
                 if not self.item_done("base-importance", name):
-                    self._importance(model, part, "text", self.out / "base-importance" / name / "map")
+                    self._map(model, self.cfg.llm, part, "text", self.layout.base_map(name))
                     self.mark_item("base-importance", name)
 
     def stage_train(self) -> None:
         from textkeep.train.trainer import train
 
-        t = self.cfg.train
         # Every process must agree on what is done and what resumes before any of them writes into a run folder.
         todo = {
-            name: (self.run_dir(name) / "train_config.json").is_file()
+            name: (self.layout.run_dir(name) / "train_config.json").is_file()
             for name in self.cfg.run_names()
             if not self.item_done("train", name)
         }
@@ -385,169 +421,126 @@ class Study:
         for name, run in self.cfg.run_names().items():
             if name not in todo:
                 continue
+            importance = self.layout.base_map() if run["strategy"] == "layer-lr" else None
+            cfg = replace(
+                self.cfg.train,
+                strategy=run["strategy"],
+                lora_rank=run["lora_rank"],
+                importance=importance,
+                seed=self.cfg.seed,
+            )
             train(
                 model=self.cfg.llm,
                 encoder=self.cfg.encoder,
-                data=str(self.pool_file()),
+                data=str(self.layout.pool),
                 spoken=self.spoken_dir(self.cfg.data.train) / "manifest.jsonl",
-                strategy=run["strategy"],
-                out=self.run_dir(name),
-                importance=self.out / "base-importance" / "map",
-                lam=t.lam,
-                lora_rank=run["lora_rank"],
-                lr=t.lr,
-                epochs=t.epochs,
-                batch_size=t.batch_size,
-                grad_accum=t.grad_accum,
-                max_steps=t.max_steps,
-                save_every=t.save_every,
-                split_file=self.out / "data" / "splits.json",
-                adaptor_warmup_steps=t.adaptor_warmup_steps,
-                adaptor_lr=t.adaptor_lr,
-                gradient_checkpointing=t.gradient_checkpointing,
-                seed=self.cfg.seed,
-                resume=todo[name],
+                out=self.layout.run_dir(name),
+                split_file=self.layout.splits,
                 encoder_policy=self.cfg.encoder_policy,
+                resume=todo[name],
+                train=cfg,
             )
             self.mark_item("train", name)
 
     def stage_importance(self) -> None:
         splits = self.splits()
-        for name in self.trained():
+        for name, run_dir in self.trained().items():
             if not self.item_done("importance", name):
-                self._importance(
-                    self.trained_model(name), splits.importance, "text", self.out / "importance" / name / "map"
-                )
+                self._map(self.trained_model(name), str(run_dir), splits.importance, "text", self.layout.map(name))
                 self.mark_item("importance", name)
         if "full" in self.trained() and not self.item_done("importance", "full-speech"):
-            self._importance(
-                self.trained_model("full"), splits.importance, "speech", self.out / "importance" / "full-speech" / "map"
+            run_dir = str(self.layout.run_dir("full"))
+            self._map(
+                self.trained_model("full"), run_dir, splits.importance, "speech", self.layout.map("full", "speech")
             )
             self.mark_item("importance", "full-speech")
 
     def stage_analysis(self) -> None:
-        from textkeep.data.samples import make_samples
-        from textkeep.importance.analysis import (
-            importance_change,
-            importance_clusters,
-            importance_layers,
-            importance_shift,
-        )
-        from textkeep.importance.deactivation import deactivation_markdown, deactivation_table
+        from textkeep.importance.change import importance_change
+        from textkeep.importance.clusters import importance_clusters
+        from textkeep.importance.deactivation import deactivate, write_deactivation
+        from textkeep.importance.layers import importance_layers
+        from textkeep.importance.shift import importance_shift
 
-        out = self.out / "analysis"
-        base = self.out / "base-importance" / "map"
+        lay, a = self.layout, self.cfg.analysis
+        base = lay.base_map()
         strategies = [s for s in ("full", "layer-lr", "lora") if s in self.trained()]
-        maps = [base] + [self.out / "importance" / s / "map" for s in strategies]
-        labels = ["No-FT (base)"] + [LABELS[s] for s in strategies]
-        importance_layers(maps, labels, out / "layers", by_module=True)
+        maps = [base] + [lay.map(s) for s in strategies]
+        labels = ["No-FT (base)"] + [label(s) for s in strategies]
+        importance_layers(maps, labels, lay.analysis("layers"), by_module=True)
         if "full" in strategies:  # the paper's Fig 2: the base against Full-FT
-            importance_layers(maps[:2], labels[:2], out / "layers-fig2")
+            importance_layers(maps[:2], labels[:2], lay.analysis("layers-fig2"))
         mitigations = [i for i, s in enumerate(strategies, start=1) if s != "full"]
         if mitigations:  # the paper's Fig 3: the base against the mitigations
             importance_layers(
                 [base] + [maps[i] for i in mitigations],
                 [labels[0]] + [labels[i] for i in mitigations],
-                out / "layers-fig3",
+                lay.analysis("layers-fig3"),
             )
         if strategies:
-            others = [self.out / "importance" / n / "map" for n in self.trained()]
-            importance_shift(base, others, [LABELS.get(n, n) for n in self.trained()], out / "shift")
-            halves = [self.out / "base-importance" / h / "map" for h in ("half-a", "half-b")]
+            runs = list(self.trained())
+            importance_shift(base, [lay.map(n) for n in runs], [label(n) for n in runs], lay.analysis("shift"))
+            halves = [lay.base_map(h) for h in ("half-a", "half-b")]
             if self.cfg.importance.noise_floor and all(h.is_dir() for h in halves):
-                importance_shift(
-                    halves[0], [halves[1]], ["No-FT, other half of the importance split"], out / "shift-noise"
-                )
+                other = ["No-FT, other half of the importance split"]
+                importance_shift(halves[0], [halves[1]], other, lay.analysis("shift-noise"))
             importance_change(
                 self.cfg.llm,
-                [str(self.run_dir(s)) for s in strategies],
-                [LABELS[s] for s in strategies],
-                self.cfg.analysis.layer,
-                out=out / "change",
+                [str(lay.run_dir(s)) for s in strategies],
+                [label(s) for s in strategies],
+                a.layer,
+                out=lay.analysis("change"),
             )
         if "full" in strategies:
-            text_map, speech_map = (
-                self.out / "importance" / "full" / "map",
-                self.out / "importance" / "full-speech" / "map",
-            )
+            text_map, speech_map = lay.map("full"), lay.map("full", "speech")
             importance_clusters(
-                [text_map, speech_map], ["text input", "speech input"], self.cfg.analysis.layer, out=out / "clusters"
+                [text_map, speech_map], ["text input", "speech input"], a.layer, out=lay.analysis("clusters")
             )
             model = self.trained_model("full")
-            test = self.splits().test[: self.cfg.analysis.deactivation_limit]
-            samples = {"speech": make_samples(model, test, "speech"), "text": make_samples(model, test, "text")}
-            table = deactivation_table(
+            result = deactivate(
                 model,
                 text_map,
-                samples,
-                percent=self.cfg.analysis.deactivation_percent,
-                scope=self.cfg.analysis.deactivation_scope,
+                self.splits().test[: a.deactivation_limit],
+                inputs=["speech", "text"],
+                percent=a.deactivation_percent,
+                scope=a.deactivation_scope,
                 seed=self.cfg.seed,
-                include_norms=self.cfg.analysis.deactivation_include_norms,
+                include_norms=a.deactivation_include_norms,
             )
-            write_json(
-                out / "deactivation" / "deactivation.json",
-                {
-                    "Full-FT": table,
-                    "percent": self.cfg.analysis.deactivation_percent,
-                    "n": len(test),
-                    "include_norms": self.cfg.analysis.deactivation_include_norms,
-                },
-            )
-            write_text(
-                out / "deactivation" / "deactivation.md",
-                deactivation_markdown({"Full-FT": table}, self.cfg.analysis.deactivation_percent),
-            )
+            result["model"] = str(lay.run_dir("full"))
+            write_deactivation(lay.deactivation.parent, result, label("full"))
 
     def stage_eval(self) -> None:
         from textkeep.eval.qa import evaluate
+        from textkeep.layout import BASE_RUN
 
         e = self.cfg.eval
         kw = dict(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, spoken=self.spoken_sets())
-        evaluate(
-            self.base_model(with_encoder=False), e.sets, ["t2t"], self.out / "eval" / "no-ft", model_name="No-FT", **kw
-        )
+        base = self.base_model(with_encoder=False)
+        evaluate(base, e.sets, ["t2t"], self.layout.eval_dir(BASE_RUN), model_name=label(BASE_RUN), **kw)
         for name in self.trained():
-            evaluate(self.trained_model(name), e.sets, ["t2t", "s2t"], self.out / "eval" / name, model_name=name, **kw)
+            evaluate(
+                self.trained_model(name), e.sets, ["t2t", "s2t"], self.layout.eval_dir(name), model_name=name, **kw
+            )
 
     def stage_report(self) -> None:
         from textkeep.report.html import write_report
 
-        write_report(self)
+        write_report(self.layout, self.cfg)
 
 
-LABELS = {"full": "Full-FT", "layer-lr": "Layer-LR", "lora": "LoRA"}
-
-
-def process_state():
-    """This process's place in an `accelerate launch` (or torchrun) run. accelerate treats several processes on CPUs
-    as one distributed run only when asked for the CPU, so a machine without GPUs asks for it."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-
-
-def on_device(model):
-    """Models run where accelerate puts this process: its GPU when there is one (the same file runs unchanged on
-    CPU and GPU), else the CPU. Training places its own model through its Accelerator."""
-    return model.to(process_state().device)
-
-
-def study(study_config: Path, out: Path | None = None, force: str | None = None, only: str | None = None) -> Path:
+def study(study_config: Path, out: Path | None = None, force: list[str] = [], only: list[str] = []) -> Path:
     """Run the paper's whole study with one config (a profile in configs/study/) and write the report.
 
     Args:
-        study_config: a study YAML (configs/study/quick.yaml, full.yaml, …); named so because --config is the
-            generic option that fills any command's arguments from YAML.
+        study_config: a study YAML (configs/study/quick.yaml, full.yaml, …); its keys are listed below. Named so
+            because --config is the generic option that fills any command's arguments from YAML.
         out: the results folder (default: runs/<profile>/). A rerun continues there and skips finished stages.
-        force: comma-separated stages to redo even if they are up to date.
-        only: comma-separated stages to run alone (their inputs must exist).
+        force: stages to redo even if they are up to date.
+        only: stages to run alone (their inputs must exist).
     """
     cfg = load_config(study_config)
-    names = lambda s: {x.strip() for x in s.split(",") if x.strip()} if s else set()  # noqa: E731
-    unknown = (names(force) | names(only)) - set(STAGES)
+    unknown = (set(force) | set(only)) - set(STAGES)
     if unknown:
         raise TextkeepError(f"unknown stage(s) {sorted(unknown)}; the stages are {', '.join(STAGES)}")
     from textkeep.settings import data_dir
@@ -557,6 +550,13 @@ def study(study_config: Path, out: Path | None = None, force: str | None = None,
     except TextkeepError as e:
         raise TextkeepError(f"the study needs its data before anything else: {e}") from None
     out = Path(out) if out else Path("runs") / cfg.profile
-    result = Study(cfg, out).run(force=names(force), only=names(only) or None)
-    print(f"report: {result / 'report' / 'index.html'}")
+    result = Study(cfg, out).run(force=set(force), only=set(only) or None)
+    print(f"report: {StudyLayout(result).report}")
     return result
+
+
+# `textkeep study --help` lists every key a study YAML may set, from the config dataclasses' own field docstrings.
+study.__doc__ += "\n    Study config keys (YAML; nested sections as mappings):\n" + "".join(
+    f"        {line}\n" for line in config_keys()
+)
+__all__ = ["LABELS", "STAGES", "Study", "StudyConfig", "load_config", "study"]

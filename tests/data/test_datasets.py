@@ -111,7 +111,9 @@ def test_csv_with_field_mapping(tmp_path):
     (tmp_path / "clips" / "a.wav").write_bytes(b"RIFF")
     path = tmp_path / "qa.csv"
     path.write_text(
-        'key,question,gold,clip\nq1,"Who wrote ""Hamlet"", the play?",Shakespeare|William Shakespeare,clips/a.wav\nq2,Largest ocean?, Pacific ,\n',
+        "key,question,gold,clip\n"
+        'q1,"Who wrote ""Hamlet"", the play?",Shakespeare|William Shakespeare,clips/a.wav\n'
+        "q2,Largest ocean?, Pacific ,\n",
         encoding="utf-8",
     )
     recs = load_dataset(str(path), fields={"id": "key", "instruction": "question", "answers": "gold", "audio": "clip"})
@@ -191,7 +193,7 @@ def test_bad_input_names_file_and_row(tmp_path, case):
         load_dataset(str(path), fields=fields)
     msg = str(err.value)
     assert path.name in msg and row in msg
-    assert "skip_bad" in msg or case == "missing_file"
+    assert "--skip-bad" in msg or case == "missing_file"
 
 
 def test_skip_bad_writes_report(tmp_path):

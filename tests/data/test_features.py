@@ -66,3 +66,26 @@ def test_trim_equals_pad30_on_a_full_window(tiny_model):
     short = tiny_model.encode_audio([audio[:16000]])[0]
     assert short.shape == (50, 32)
     assert not torch.allclose(short, padded[:50], atol=1e-3)  # attention over padding differs
+
+
+def test_features_command_fills_the_cache(records, tmp_path, capsys):
+    import json
+
+    from textkeep.data.features import features
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": r.id, "instruction": "x", "audio": str(r.audio)}) + "\n" for r in records)
+    )
+    features(str(data), encoder="tiny-whisper", encoder_policy="trim", batch_size=2)
+    printed = capsys.readouterr().out
+    assert printed.startswith("3 utterances cached in ") and "trim-" in printed
+    assert len(list((tmp_path / "cache" / "features").glob("trim-*/*/*.safetensors"))) == 3
+
+
+def test_features_command_refuses_a_path_that_is_no_checkpoint(tmp_path):
+    from textkeep.data.features import features
+    from textkeep.errors import TextkeepError
+
+    with pytest.raises(TextkeepError, match="--checkpoint .* is not a textkeep checkpoint"):
+        features("llama-questions", checkpoint=str(tmp_path))

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from textkeep.eval.perplexity import perplexity
-from textkeep.eval.qa import evaluate
+from textkeep.eval.qa import eval_qa, evaluate
 from textkeep.eval.scoring import SCORERS, summarize
 from textkeep.model.speech_llm import Sample
 
@@ -85,6 +85,23 @@ def test_changed_settings_are_refused(tiny_model, qa_file, tmp_path):
     evaluate(tiny_model, [str(qa_file)], ["t2t"], tmp_path / "out", max_new_tokens=5, progress=False, limit=2)
     with pytest.raises(TextkeepError, match="other settings"):
         evaluate(tiny_model, [str(qa_file)], ["t2t"], tmp_path / "out", max_new_tokens=9, progress=False, limit=2)
+
+
+def test_eval_command_loads_by_name_and_reports(qa_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    metrics = eval_qa(
+        model="tiny-llama",
+        sets=[str(qa_file)],
+        modes=["t2t", "s2t"],
+        out=out,
+        max_new_tokens=3,
+        encoder="tiny-whisper",
+        batch_size=4,
+    )
+    assert set(metrics["results"][str(qa_file)]) == {"t2t", "s2t"}
+    assert len(_predictions(out)) == 10 and (out / "table.md").is_file()
+    printed = capsys.readouterr().out
+    assert "| tiny-llama |" in printed and f"{qa_file}/s2t: " in printed and f"results in {out}/" in printed
 
 
 def test_perplexity_is_exp_of_mean_response_token_loss(tiny_model):

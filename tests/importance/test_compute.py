@@ -346,11 +346,11 @@ def _ddp_worker(rank: int, out: str, world: int):
 
 def _fsdp_worker(rank: int, out: str, world: int):
     """One of `world` spawned processes: a gloo group, then the tiny model sharded with FSDP2 (decoder layers, then
-    the ImportanceLoss root), as accelerate's FSDP2 plugin shards it on GPUs (accelerate offers FSDP on GPUs only)."""
+    the LossModule root), as accelerate's FSDP2 plugin shards it on GPUs (accelerate offers FSDP on GPUs only)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from textkeep.importance.compute import ImportanceLoss
+    from textkeep.model.speech_llm import LossModule
     from textkeep.model.tiny import build_tiny_llama, build_tiny_tokenizer
 
     torch.set_num_threads(1)
@@ -359,7 +359,7 @@ def _fsdp_worker(rank: int, out: str, world: int):
     )
     mesh = init_device_mesh("cpu", (world,))
     model = _tiny_text_model(build_tiny_tokenizer, build_tiny_llama)
-    loss = ImportanceLoss(model)
+    loss = LossModule(model)
     for layer in model.llm.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(loss, mesh=mesh)
@@ -367,7 +367,7 @@ def _fsdp_worker(rank: int, out: str, world: int):
     # 3 batches of 2 over 2 processes: the second process repeats a zero-weighted batch to keep in step.
     imap = compute_importance(model, _text(6), mode="paper", batch_size=2, progress=False, sharded_loss=loss)
     torch.save(imap.scores, f"{out}/fsdp-{rank}.pt")
-    with pytest.raises(TextkeepError, match="mode=paper under FSDP"):
+    with pytest.raises(TextkeepError, match="--mode paper under FSDP"):
         compute_importance(model, _text(6), mode="abs", batch_size=2, progress=False, sharded_loss=loss)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 
 from textkeep.errors import TextkeepError
-from textkeep.importance import analysis as A
 from textkeep.importance import deactivation as D
+from textkeep.importance import select as S
 from textkeep.model.speech_llm import Sample
 
 QA = [
@@ -37,41 +38,7 @@ def _brute_force_importance(model, samples) -> dict[str, torch.Tensor]:
     return scores
 
 
-# ---- exact selection --------------------------------------------------------------------------------------------------
-def _tied_tensors():
-    g = torch.Generator().manual_seed(0)
-    return [
-        torch.randint(-4, 5, (13, 17), generator=g).float() * 0.25,  # many ties, negatives and zeros
-        torch.tensor([0.0, -0.0, 1.0, 1.0, 1.0, -1e-40, 1e-40, float("inf"), -float("inf")]),
-        torch.randint(0, 3, (50,), generator=g).float(),
-        torch.rand(4, 5, generator=g),
-    ]
-
-
-@pytest.mark.parametrize("chunk", [1 << 24, 7])  # 7: every tensor spans several chunks
-@pytest.mark.parametrize("largest", [True, False])
-def test_exact_threshold_and_selection_equal_full_sort_with_ties(monkeypatch, chunk, largest):
-    monkeypatch.setattr(A, "_CHUNK", chunk)
-    tensors = _tied_tensors()
-    flat = torch.cat([t.flatten() for t in tensors])
-    # A stable sort keeps equal values in position order: the earliest-first tie rule.
-    order = torch.sort(flat, descending=largest, stable=True).indices
-    offsets = torch.cumsum(torch.tensor([0] + [t.numel() for t in tensors]), 0)
-    for k in [1, 2, 3, 10, 57, 150, 221, 300, len(flat) - 1, len(flat)]:
-        value, n_beyond = A.kth_largest(tensors, k, largest)
-        assert value == float(flat[order[k - 1]])
-        assert n_beyond == int((flat > value).sum() if largest else (flat < value).sum())
-        picked = torch.cat([idx + offsets[i] for i, idx in enumerate(A.select_top(tensors, k, largest))])
-        assert sorted(picked.tolist()) == sorted(order[:k].tolist())
-
-
-def test_kth_largest_on_many_values_matches_kthvalue():
-    x = torch.randn(300_000, generator=torch.Generator().manual_seed(1)).abs()
-    parts = [x[:100_000].view(100, 1000), x[100_000:]]
-    value, _ = A.kth_largest(parts, 9_000)
-    assert value == float(torch.kthvalue(x, x.numel() - 9_000 + 1).values)
-
-
+# ---- choosing what to zero -------------------------------------------------------------------------------------------
 def test_choose_counts_per_tensor_and_global(tiny_model):
     shapes = D.scope_names(tiny_model.llm)
     assert shapes and all(k.startswith("model.layers.") for k in shapes)
@@ -79,13 +46,13 @@ def test_choose_counts_per_tensor_and_global(tiny_model):
     scores = {k: torch.rand(s, generator=torch.Generator().manual_seed(i)) for i, (k, s) in enumerate(shapes.items())}
     per_tensor = D.choose(scores, shapes, "top", 3.0, "tensor")
     for k, idx in per_tensor.items():
-        assert len(idx) == A.count_for(scores[k].numel(), 3.0) and len(idx.unique()) == len(idx)
+        assert len(idx) == S.count_for(scores[k].numel(), 3.0) and len(idx.unique()) == len(idx)
         assert float(scores[k].view(-1)[idx].min()) >= float(
             scores[k].view(-1).kthvalue(scores[k].numel() - len(idx) + 1).values
         )
     total = sum(s.numel() for s in scores.values())
     glob = D.choose(scores, shapes, "bottom", 3.0, "global")
-    assert sum(len(i) for i in glob.values()) == A.count_for(total, 3.0) == D.n_deactivated(shapes, 3.0, "global")
+    assert sum(len(i) for i in glob.values()) == S.count_for(total, 3.0) == D.n_deactivated(shapes, 3.0, "global")
     r0, r0_again, r1 = (D.choose(scores, shapes, "random", 3.0, "global", seed=s) for s in (0, 0, 1))
     assert all(torch.equal(r0[k], r0_again[k]) for k in shapes)  # seeded
     assert any(not torch.equal(r0[k], r1[k]) for k in shapes)
@@ -99,7 +66,7 @@ def test_choose_refuses_a_map_of_another_model(tiny_model):
         D.choose(scores, shapes, "top", 3.0)
 
 
-# ---- restoration ------------------------------------------------------------------------------------------------------
+# ---- restoration -----------------------------------------------------------------------------------------------------
 def test_deactivation_restores_bit_for_bit_also_on_exception(tiny_model):
     llm = tiny_model.llm
     before = _bits(llm)
@@ -128,7 +95,7 @@ def test_lora_model_must_be_merged(tiny_model):
         D.scope_names(get_peft_model(tiny_model.llm, LoraConfig(r=2, target_modules=["q_proj"])))
 
 
-# ---- the Table 1 experiment on a memorising tiny model ----------------------------------------------------------------
+# ---- the Table 1 experiment on a memorising tiny model ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def memorised(tiny_parts):
     """The tiny LLM after 60 clipped Adam steps on six QA pairs (mean response loss ≈ 0.07), and its
@@ -209,12 +176,25 @@ def test_deactivate_command_writes_json_and_markdown(tiny_model, tmp_path, monke
         tmp_path / "map"
     )
     out = D.importance_deactivate(
-        str(tmp_path / "ckpt"), tmp_path / "map", str(data), inputs="text", split="all", limit=4, out=tmp_path / "deact"
+        str(tmp_path / "ckpt"),
+        tmp_path / "map",
+        str(data),
+        inputs=["text"],
+        split="all",
+        limit=4,
+        out=tmp_path / "deact",
     )
     result = json.loads((out / "deactivation.json").read_text())
     assert result["n_examples"] == 4 and set(result["table"]) == {"text"}
     assert result["n_deactivated"] == D.n_deactivated(D.scope_names(tiny_model.llm), 3.0)
     assert "| ckpt | Text |" in (out / "deactivation.md").read_text()
+    # Per-example sums for intervals over examples: in example order, adding up to each condition's perplexity.
+    per = result["per_example"]["text"]
+    assert set(per) == {"base", "top", "bottom", "random"} and len(result["example_ids"]) == 4
+    for condition, r in per.items():
+        assert len(r["losses"]) == len(r["n_tokens"]) == 4 and min(r["n_tokens"]) > 0
+        ppl = math.exp(sum(r["losses"]) / sum(r["n_tokens"]))
+        assert ppl == pytest.approx(result["table"]["text"][condition], rel=1e-5)
 
 
 def test_deactivate_speech_inputs_use_the_records_with_audio(tiny_model, tmp_path, monkeypatch):

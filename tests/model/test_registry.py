@@ -59,3 +59,16 @@ def test_smollm2_answers_paris(real_model):
     answer = real_model.generate([Sample(text="What is the capital of France?")], max_new_tokens=24)[0]
     assert "Paris" in answer
     assert real_model.llm.config.num_hidden_layers == 30 and real_model.llm.config.hidden_size == 576
+
+
+def test_models_lists_the_registry_and_prepares_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path))
+    registry.models()
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in registry.REGISTRY) and f"cache: {tmp_path / 'models'}" in listing
+    registry.models(prepare=["tiny-llama"])
+    assert capsys.readouterr().out.startswith("tiny-llama: converted in ")
+    registry.models(prepare=["tiny-llama"])
+    assert capsys.readouterr().out.startswith("tiny-llama: cached in ")
+    with pytest.raises(TextkeepError, match="'smollm9' is not in the registry; choose from: smollm2-135m-instruct"):
+        registry.models(prepare=["smollm9"])

@@ -156,7 +156,8 @@ def test_loss_sum_equals_full_logits_cross_entropy(tiny_model):
 
 
 def _talkative(m: SpeechLLM) -> SpeechLLM:
-    """At init scale the tiny LLM says one token whatever it hears; larger weights make its answers depend on the input."""
+    """At init scale the tiny LLM says one token whatever it hears; larger weights make its answers depend on the
+    input."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.llm.parameters():

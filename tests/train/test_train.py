@@ -1,4 +1,5 @@
-"""Stage-1 training on tiny models: the three strategies, the schedule, resume after SIGKILL, NaN stops, bad settings."""
+"""Stage-1 training on tiny models: the three strategies, the schedule, resume after SIGKILL, NaN stops, bad
+settings."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from textkeep.errors import TextkeepError
 from textkeep.model.speech_llm import Sample, SpeechLLM
+from textkeep.train.config import TrainConfig
 from textkeep.train.strategies import LORA_TARGETS, apply_lora, layer_lr_scales, param_groups
-from textkeep.train.trainer import SampleList, TrainConfig, fit, merge_lora, train
+from textkeep.train.trainer import SampleList, fit, merge_lora, train
 
 RESPONSES = [
     "The capital of France is Paris.",
@@ -61,7 +63,8 @@ def _data(model, n: int = 4) -> SampleList:
 
 def _fit(model, out, data=None, **kw):
     kw = {"lr": 3e-3, "batch_size": 2, "grad_accum": 2, "warmup_ratio": 0.0, "max_steps": 3, "save_every": 100, **kw}
-    return fit(model, data or _data(model), out, TrainConfig(**kw))
+    resume = kw.pop("resume", False)
+    return fit(model, data or _data(model), out, TrainConfig(**kw), resume=resume)
 
 
 def _metrics(out) -> list[dict]:
@@ -121,7 +124,7 @@ def test_layer_lr_groups_and_schedule(tiny_model, tmp_path):
     assert list((out / "tb").iterdir())  # TensorBoard events written
 
 
-# ---- LoRA --------------------------------------------------------------------------------------------------------------
+# ---- LoRA ------------------------------------------------------------------------------------------------------------
 
 
 def test_lora_targets_and_trainable_set(tiny_model):
@@ -146,7 +149,7 @@ def test_lora_targets_and_trainable_set(tiny_model):
             assert m.r["default"] == 4 and m.scaling["default"] == 2.0  # α = 2r
 
 
-# ---- full fine-tuning and loss decrease ---------------------------------------------------------------------------------
+# ---- full fine-tuning and loss decrease ------------------------------------------------------------------------------
 
 
 def test_full_keeps_encoder_and_moves_llm_and_adaptor(tiny_model, tmp_path):
@@ -214,7 +217,7 @@ def test_merge_lora_gives_the_same_model(tiny_model, tmp_path):
     assert torch.allclose(a.logits(batch), b.logits(batch), atol=1e-4)
 
 
-# ---- faults ------------------------------------------------------------------------------------------------------------
+# ---- faults ----------------------------------------------------------------------------------------------------------
 
 
 class _PoisonAfter(SampleList):
@@ -245,6 +248,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tiny_part
     fresh = _fresh_tiny(tiny_parts)
     out = _fit(fresh, tmp_path / "run", data=data, max_steps=5, save_every=1, resume=True)
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4, 5]
+
+
+class _Payload:
+    """Unpickling this would create a file: the stand-in for code a foreign checkpoint could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("victim", ["optimizer.pt"])
+def test_resume_refuses_a_checkpoint_that_would_run_code(tiny_model, tiny_parts, tmp_path, victim):
+    import pickle
+
+    _fit(tiny_model, tmp_path / "run", max_steps=2, save_every=1)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"  # the last one: what --resume loads
+    for name in ("rng.json", "rng.safetensors", "scheduler.json", "optimizer.pt"):  # nothing pickled but tensors
+        assert (ckpt / name).is_file(), name
+    assert not list(ckpt.glob("rng.pt")) and not list(ckpt.glob("scheduler.pt"))
+    marker = tmp_path / "code-ran"
+    with open(ckpt / victim, "wb") as f:
+        pickle.dump({"state": _Payload(marker)}, f)
+    with pytest.raises(TextkeepError, match=f"{victim}.*refuses to unpickle"):
+        _fit(_fresh_tiny(tiny_parts), tmp_path / "run", max_steps=2, save_every=1, resume=True)
+    assert not marker.exists()
 
 
 def _fresh_tiny(tiny_parts):
@@ -289,7 +319,7 @@ def test_bad_settings_are_refused_before_training(tiny_model, tmp_path, bad, mat
     assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
 
 
-# ---- the command on spoken data: missing audio, resume after SIGKILL --------------------------------------------------------
+# ---- the command on spoken data: missing audio, resume after SIGKILL -------------------------------------------------
 
 
 def _spoken_set(root: Path, n: int = 8) -> tuple[Path, Path]:
@@ -343,10 +373,7 @@ def test_train_uses_the_split_and_limit(tmp_path):
         split_file=tmp_path / "splits.json",
         limit=4,
         out=tmp_path / "run",
-        batch_size=2,
-        grad_accum=1,
-        max_steps=1,
-        lr=1e-3,
+        train=TrainConfig(batch_size=2, grad_accum=1, max_steps=1, lr=1e-3),
     )
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["derived"]["n_examples"] == 4 and saved["args"]["limit"] == 4 and saved["args"]["strategy"] == "full"
@@ -362,7 +389,7 @@ def test_train_uses_the_split_and_limit(tmp_path):
         "resume",
     }
     assert SpeechLLM.load(out).config.extra["examples"] == 4
-    with pytest.raises(TextkeepError, match="resume=True"):  # a second run into the same folder
+    with pytest.raises(TextkeepError, match="--resume"):  # a second run into the same folder
         train(model="tiny-llama", encoder="tiny-whisper", data=str(data), spoken=manifest, out=out)
 
 
@@ -378,8 +405,10 @@ def slow(self, batch):  # gives the test time to kill the run between checkpoint
     return loss_sum(self, batch)
 SpeechLLM.loss_sum = slow
 from textkeep.train.trainer import train
-train(model="tiny-llama", encoder="tiny-whisper", data=sys.argv[4], spoken=Path(sys.argv[5]), strategy="lora", out=Path(sys.argv[1]),
-      lr=1e-2, batch_size=2, grad_accum=2, max_steps=8, warmup_ratio=0.2, save_every=2, resume=sys.argv[2] == "1")
+from textkeep.train.config import TrainConfig
+train(model="tiny-llama", encoder="tiny-whisper", data=sys.argv[4], spoken=Path(sys.argv[5]), out=Path(sys.argv[1]),
+      resume=sys.argv[2] == "1", train=TrainConfig(strategy="lora", lr=1e-2, batch_size=2, grad_accum=2, max_steps=8,
+      warmup_ratio=0.2, save_every=2))
 """
 
 

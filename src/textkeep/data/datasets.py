@@ -142,7 +142,8 @@ def attach_audio(records: list[Record], manifest_path: Path) -> list[Record]:
         audio = _resolve(str(raw["audio"]), manifest_path.parent)
         if not audio.is_file():
             raise TextkeepError(
-                f"{where}, id {raw['id']}: audio file {audio} does not exist; re-run `textkeep speak` or restore the file."
+                f"{where}, id {raw['id']}: audio file {audio} does not exist; "
+                "re-run `textkeep speak` or restore the file."
             )
         by_id[str(raw["id"])] = (audio, {k: raw[k] for k in ("voice", "seconds", "sha256") if k in raw})
     out, missing = [], 0
@@ -249,7 +250,8 @@ def _builtin_spec(name: str, split: str) -> _Spec:
         split = split or "test"
         if split not in _WQ_SPLITS:
             raise TextkeepError(
-                f"Unknown Web Questions split {split!r}; use one of: {', '.join('web-questions:' + s for s in _WQ_SPLITS)}."
+                f"Unknown Web Questions split {split!r}; "
+                f"use one of: {', '.join('web-questions:' + s for s in _WQ_SPLITS)}."
             )
         return _Spec(
             _builtin_file(root / "webquestions" / _WQ_SPLITS[split]),
@@ -273,7 +275,8 @@ def _builtin_spec(name: str, split: str) -> _Spec:
 def _builtin_file(path: Path) -> Path:
     if not path.is_file():
         raise TextkeepError(
-            f"{path} not found: TEXTKEEP_DATA_DIR must point at the shared data folder laid out as in its README.md (llama_questions/, webquestions/, alpaca/)."
+            f"{path} not found: TEXTKEEP_DATA_DIR must point at the shared data folder laid out as in its README.md "
+            "(llama_questions/, webquestions/, alpaca/)."
         )
     return path
 
@@ -337,7 +340,8 @@ def _parse_rows(path: Path, fmt: str, text: str) -> Iterator[tuple[int, int | No
             ) from None
         if not isinstance(data, list):
             raise TextkeepError(
-                f"{path}: expected a JSON list of objects, got {type(data).__name__}; wrap the rows in [...] or use JSONL."
+                f"{path}: expected a JSON list of objects, got {type(data).__name__}; "
+                "wrap the rows in [...] or use JSONL."
             )
         yield from ((i, None, row) for i, row in enumerate(data, 1))
     elif fmt == "jsonl":
@@ -388,7 +392,7 @@ def _load(
             )
             if not skip_bad:
                 raise TextkeepError(
-                    f"{where}: {e.reason}. Fix: {e.fix}, or pass skip_bad=True to skip bad rows."
+                    f"{where}: {e.reason}. Fix: {e.fix}, or rerun with --skip-bad to skip bad rows."
                 ) from None
             bad.append({"file": str(spec.path), "row": row, "line": line, "id": rec_id, "reason": e.reason})
     if n_rows == 0:
@@ -397,7 +401,8 @@ def _load(
         write_text(bad_report, "".join(json.dumps(b) + "\n" for b in bad))  # ASCII: undecodable ids stay writable
     elif bad:
         warnings.warn(
-            f"{spec.path}: skipped {len(bad)} bad rows (first: row {bad[0]['row']}, {bad[0]['reason']}); pass bad_report= to list them.",
+            f"{spec.path}: skipped {len(bad)} bad rows (first: row {bad[0]['row']}, {bad[0]['reason']}); "
+            "pass bad_report= to list them.",
             stacklevel=3,
         )
     return records

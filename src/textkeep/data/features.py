@@ -10,6 +10,7 @@ does not match is recomputed and overwritten, never used.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -79,7 +80,8 @@ class FeatureCache:
         missing_audio = [r.id for r in records if r.audio is None]
         if missing_audio:
             raise TextkeepError(
-                f"{len(missing_audio)} records have no audio (first: '{missing_audio[0]}'); synthesize a spoken version "
+                f"{len(missing_audio)} records have no audio (first: '{missing_audio[0]}'); "
+                "synthesize a spoken version "
                 "with `textkeep speak DATASET --out DIR` and load it with its manifest."
             )
         keys = [file_sha256(Path(r.audio)) if Path(r.audio).is_file() else "" for r in records]
@@ -104,3 +106,45 @@ class FeatureCache:
             bar.update(len(idx))
         bar.close()
         return out  # type: ignore[return-value]
+
+
+def features(
+    data: str,
+    spoken: Path | None = None,
+    encoder: str = "whisper-base",
+    encoder_policy: str = "pad30",
+    keep_padding: bool = False,
+    checkpoint: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> None:
+    """Fill the speech feature cache ahead of time (the frozen encoder's output for every audio file of a dataset).
+
+    Args:
+        data: a dataset with audio (llama-questions) or whose spoken version exists (see `textkeep speak`).
+        spoken: the TTS manifest when the dataset has no recorded audio; default: the cache's spoken/<data>/.
+        encoder: the Whisper encoder.
+        encoder_policy: pad30 (Whisper's 30 s window) or trim (real-length input); see docs/design.md.
+        keep_padding: keep all 1500 frames (LLaMA-Omni) instead of those covering the audio.
+        checkpoint: a textkeep checkpoint whose encoder and policy to use instead of the three options above.
+        limit: only the first N records that have audio.
+        batch_size: utterances encoded together.
+    """
+    from textkeep.eval.qa import load_qa_set
+    from textkeep.model.speech_llm import CONFIG_FILE, is_checkpoint, load_speech_llm
+
+    # load_speech_llm would take a path that is no checkpoint for an LLM to build; here it can only be a mistake.
+    if checkpoint and not is_checkpoint(checkpoint):
+        raise TextkeepError(
+            f"--checkpoint '{checkpoint}' is not a textkeep checkpoint (no {CONFIG_FILE} in it or in its model/); "
+            "check the path, or leave --checkpoint out and give --encoder."
+        )
+    records = load_qa_set(data, {data: str(spoken)} if spoken else None, need_audio=True, partial=True)[:limit]
+    # Without a checkpoint the LLM plays no part in encoding; the tiny one keeps memory and start-up small.
+    speech_llm = load_speech_llm(
+        checkpoint or "tiny-llama", encoder, encoder_policy=encoder_policy, keep_padding=keep_padding
+    )
+    cache = FeatureCache(speech_llm)
+    started = time.time()
+    cache.frames(records, batch_size=batch_size)
+    print(f"{len(records)} utterances cached in {cache.dir} ({time.time() - started:.0f} s)")

@@ -23,7 +23,8 @@ def make_samples(
     if with_response and any(not r.response for r in records):
         bad = next(r.id for r in records if not r.response)
         raise TextkeepError(
-            f"record '{bad}' has no reference response; loss and perplexity need one (check the dataset's response field)"
+            f"record '{bad}' has no reference response; "
+            "loss and perplexity need one (check the dataset's response field)"
         )
     response = (lambda r: r.response) if with_response else (lambda r: None)
     if modality == "text":

@@ -2,6 +2,7 @@
 
 Layout of `out_dir`: `wav/<id>.wav` (mono PCM16), `manifest.jsonl` (one row per spoken item:
 id, text, audio, voice, seconds, sha256) and `bad.jsonl` (items of the latest run that could not be spoken).
+`speak()` works on records; `speak_command()` is `textkeep speak`, which loads and filters a dataset first.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -20,9 +22,11 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from textkeep.data.datasets import filter_records, load_dataset
 from textkeep.data.records import Record
 from textkeep.data.tts import SAMPLE_RATE, get_voice, synthesize
 from textkeep.errors import TextkeepError
+from textkeep.eval.qa import spoken_manifest
 from textkeep.fileio import atomic_path, write_text
 
 DEFAULT_VOICES = ("piper:joe", "flite:kal", "flite:slt", "flite:awb", "flite:rms")
@@ -163,7 +167,7 @@ def speak(
                 if not skip_bad:
                     raise TextkeepError(
                         f"cannot speak item {rec.id!r} with {voice}: {result} "
-                        f"(or rerun with skip_bad=True to list such items in {bad_path})"
+                        f"(or rerun with --skip-bad to list such items in {bad_path})"
                     )
                 with open(bad_path, "ab") as bf:
                     _append(bf, {"id": rec.id, "text": rec.instruction, "voice": voice, "reason": str(result)})
@@ -199,3 +203,33 @@ def _write_wav(out_dir: Path, rec: Record, voice: str, audio: np.ndarray) -> dic
         "seconds": seconds,
         "sha256": sha,
     }
+
+
+def speak_command(
+    data: str,
+    out: Path | None = None,
+    voices: list[str] = list(DEFAULT_VOICES),
+    limit: int | None = None,
+    max_query_words: int | None = 50,
+    seed: int = 0,
+    skip_bad: bool = False,
+) -> Path:
+    """Synthesize a spoken version of a dataset offline (several voices), resumable, with a manifest.
+
+    Args:
+        data: a dataset name (web-questions, alpaca, alpaca-gpt4, …) or a JSON/JSONL file of Alpaca or QA records.
+        out: output folder (wav/ and manifest.jsonl); default: the cache's spoken/<data>/, where eval and train look.
+        voices: piper:joe, flite:kal, flite:kal16, flite:awb, flite:rms, flite:slt (`a,b` or `[a, b]`).
+        limit: speak only the first N records (after filtering).
+        max_query_words: leave out queries longer than this (Whisper hears at most 30 s; 50 words ≈ 20 s).
+        seed: which voice speaks which item (by item id, so adding items reshuffles nothing).
+        skip_bad: skip items that cannot be spoken and list them in bad.jsonl, instead of stopping.
+    """
+    records = load_dataset(data, skip_bad=skip_bad)
+    if max_query_words is not None:
+        records = filter_records(records, max_query_words=max_query_words)
+    out = Path(out) if out is not None else spoken_manifest(data).parent
+    started = time.time()
+    manifest = speak(records, out, voices=voices, seed=seed, limit=limit, skip_bad=skip_bad)
+    print(f"{manifest}: {len(read_jsonl(manifest))} utterances, {time.time() - started:.0f} s")
+    return manifest

@@ -44,13 +44,15 @@ def make_splits(
         raise TextkeepError("make_splits got no records; load a data set first (did a filter drop everything?).")
     if test_size < 0 or not 0 < importance_fraction <= 1:
         raise TextkeepError(
-            f"make_splits: need test_size >= 0 and 0 < importance_fraction <= 1, got {test_size} and {importance_fraction}."
+            f"make_splits: need test_size >= 0 and 0 < importance_fraction <= 1, "
+            f"got {test_size} and {importance_fraction}."
         )
     ids = [r.id for r in records]
     dup = next((i for i, n in Counter(ids).items() if n > 1), None)
     if dup is not None:
         raise TextkeepError(
-            f"make_splits: id {dup!r} occurs more than once, so train and test could not be kept apart; give every record a unique id."
+            f"make_splits: id {dup!r} occurs more than once, so train and test could not be kept apart; "
+            "give every record a unique id."
         )
     if test_size > len(records) // 2:
         warnings.warn(

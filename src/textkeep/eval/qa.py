@@ -46,7 +46,8 @@ def load_qa_set(
         if not manifest.is_file():
             raise TextkeepError(
                 f"S2T on '{set_name}' needs its spoken version, and '{manifest}' does not exist. Make it with "
-                f"`textkeep speak {set_name} --out {manifest.parent}`, or pass --spoken '{{{set_name}: DIR/manifest.jsonl}}'."
+                f"`textkeep speak {set_name} --out {manifest.parent}`, "
+                f"or pass --spoken '{{{set_name}: DIR/manifest.jsonl}}'."
             )
         records = attach_audio(records, manifest)
         missing = [r.id for r in records if r.audio is None]
@@ -54,7 +55,8 @@ def load_qa_set(
             return [r for r in records if r.audio is not None]
         if missing:
             raise TextkeepError(
-                f"{len(missing)} questions of '{set_name}' have no audio in '{manifest}' (first: {missing[0]}); finish it with `textkeep speak`."
+                f"{len(missing)} questions of '{set_name}' have no audio in '{manifest}' (first: {missing[0]}); "
+                "finish it with `textkeep speak`."
             )
     return records
 
@@ -163,9 +165,66 @@ def results_table(results_by_model: dict[str, dict], scorer: str = "has_answer")
         for s, m in cols:
             cell = res.get(s, {}).get(m, {}).get(scorer)
             cells.append(
-                f"{100 * cell['accuracy']:.1f} [{100 * cell['ci95'][0]:.1f}, {100 * cell['ci95'][1]:.1f}] (n={cell['n']})"
+                f"{100 * cell['accuracy']:.1f} [{100 * cell['ci95'][0]:.1f}, "
+                f"{100 * cell['ci95'][1]:.1f}] (n={cell['n']})"
                 if cell
                 else "-"
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nAccuracy (%) under the `{scorer}` scorer, 95% bootstrap interval in brackets.\n"
+
+
+def eval_qa(
+    model: str = "smollm2-135m-instruct",
+    sets: list[str] = list(QA_SETS),
+    modes: list[str] = list(MODES),
+    out: Path = Path("runs/eval"),
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    encoder: str = "whisper-base",
+    spoken: dict[str, str] | None = None,
+    show: bool = False,
+) -> dict:
+    """Spoken-QA accuracy, text-to-text (t2t) and speech-to-text (s2t), with 95% intervals.
+
+    Args:
+        model: a textkeep checkpoint directory, or an LLM (No-FT baseline; s2t then uses an untrained adaptor).
+        sets: llama-questions, web-questions, or QA files (`a,b` or `[a, b]`).
+        modes: t2t, s2t (`a,b` or `[a, b]`).
+        out: folder for predictions.jsonl, metrics.json and table.md; a rerun resumes there.
+        limit: only the first N questions of each set.
+        batch_size: questions generated together (length-sorted, left-padded).
+        max_new_tokens: the longest answer, in tokens.
+        encoder: the Whisper encoder when `model` is an LLM and s2t is asked for.
+        spoken: set name → TTS manifest for sets without recorded speech (default: the cache's spoken/<set>/).
+        show: print every question, answer and verdict.
+    """
+    from textkeep.model.speech_llm import load_speech_llm
+    from textkeep.runtime import on_device
+
+    started = time.time()
+    speech_llm = on_device(load_speech_llm(model, encoder if "s2t" in modes else None))
+    loaded = time.time()
+    metrics = evaluate(
+        speech_llm,
+        sets,
+        modes,
+        out,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        spoken=spoken,
+        model_name=model,
+        show=show,
+    )
+    print(results_table({model: metrics["results"]}))
+    for scorer in ("has_answer", "contains"):
+        parts = [
+            f"{s}/{m}: {100 * r[scorer]['accuracy']:.1f}% (n={r[scorer]['n']})"
+            for s, by_mode in metrics["results"].items()
+            for m, r in by_mode.items()
+        ]
+        print(f"{scorer:10} " + ", ".join(parts))
+    print(f"model load {loaded - started:.1f} s, evaluation {time.time() - loaded:.1f} s; results in {out}/")
+    return metrics

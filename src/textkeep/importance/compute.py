@@ -17,14 +17,14 @@ parameter's gradient into its own fp32 buffer as soon as backward has produced i
 is a plain pass plus one fp32 copy of the parameters. bf16/fp16 weights always take the hook path, so sums over
 batches are kept in fp32. Gradient checkpointing (`llm.gradient_checkpointing_enable()`) stays in effect.
 
-LoRA (peft) models are scored on a merged deep copy (one more copy of the LLM while it runs), so every map is keyed by the bare causal LM's
-`named_parameters()` and maps of full and LoRA fine-tunes compare name by name.
+LoRA (peft) models are scored on a merged deep copy (one more copy of the LLM while it runs), so every map is keyed by
+the bare causal LM's `named_parameters()` and maps of full and LoRA fine-tunes compare name by name.
 
 Distributed (accelerate, one process per device): each process takes every world_size-th batch (batches are
 sorted longest first, so interleaving balances the work), and at the end the gradient sums or accumulators and
 the token/batch counts are summed with `accelerator.reduce`. No optimizer step happens, so no DDP wrapper is
 needed. Under FSDP (accelerate's `fsdp_version: 2`) every process holds a shard: the loss runs through the
-sharded `ImportanceLoss` root (so FSDP gathers the embeddings, head and adaptor too), FSDP's reduce-scatter
+sharded `LossModule` root (so FSDP gathers the embeddings, head and adaptor too), FSDP's reduce-scatter
 sums the processes' batch gradients into each shard (`paper` mode is exactly that sum), each process scores
 its shard, and the full map is gathered at the end. `abs`/`fisher` need each batch's own gradient, which
 FSDP has already summed across processes before any hook sees it, so they are refused there.
@@ -44,6 +44,7 @@ import torch
 from textkeep.data.samples import length_grouped_batches
 from textkeep.errors import TextkeepError
 from textkeep.importance.maps import ImportanceMap, decoder_layers
+from textkeep.model.speech_llm import LossModule, is_peft
 
 MODES = ("paper", "abs", "fisher")
 SPLITS = ("importance", "train", "test", "all")
@@ -54,7 +55,7 @@ def _scoring(model, merge: bool = True):
     """Swap in the LLM to score (merged if LoRA), with only its parameters requiring grad, no dropout, and
     gradient checkpointing still active (transformers checkpoints only layers in training mode)."""
     original = model.llm
-    llm = copy.deepcopy(original).merge_and_unload() if merge and hasattr(original, "peft_config") else original
+    llm = copy.deepcopy(original).merge_and_unload() if merge and is_peft(original) else original
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     model.llm = llm
@@ -78,8 +79,8 @@ def _scoring(model, merge: bool = True):
 
 def _fold_hook(buf: torch.Tensor, mode: str, n_tokens: list[int]):
     """Fold a parameter's fresh gradient of S_b into its fp32 buffer, then free it. θ is the same in every batch,
-    so it is applied once at the end: Σ|θ ⊙ g_b| = |θ| ⊙ Σ|g_b| and Σ(θ ⊙ g_b)² = θ² ⊙ Σ g_b². That saves a pass
-    over memory per parameter and batch, which is most of the cost of these modes over a plain backward."""
+    so it is applied once at the end: Σ|θ ⊙ g_b| = |θ| ⊙ Σ|g_b| and Σ(θ ⊙ g_b)² = θ² ⊙ Σ g_b². That
+    saves a pass over memory per parameter and batch, which is most of the cost of these modes over a plain backward."""
 
     def hook(p):
         # The fp32 buffer takes the bf16/fp16 gradient directly: mixed-dtype add_/addcmul_ compute in fp32 without an
@@ -94,19 +95,6 @@ def _fold_hook(buf: torch.Tensor, mode: str, n_tokens: list[int]):
         p.grad = None
 
     return hook
-
-
-class ImportanceLoss(torch.nn.Module):
-    """The module FSDP shards for an importance pass: forward = (summed response-token loss, token count) of a
-    batch. Running the loss through one root module is what lets FSDP gather the parameters that live outside
-    the decoder layers (embeddings, final norm, head, adaptor) before they are used."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model.loss_sum(batch)
 
 
 def _is_sharded(module) -> bool:
@@ -128,7 +116,7 @@ def compute_importance(
     Batches are length-grouped (deterministic). With an `accelerate.Accelerator` of several processes, each runs
     its share and the results are summed across processes; every process returns the full map. The model must
     already be on the process's device. DDP is unnecessary. Under FSDP2 pass `sharded_loss`, the sharded
-    `ImportanceLoss(model)` (`importance_compute` gets it from `accelerator.prepare`); only `paper` mode is
+    `LossModule(model)` (`importance_compute` gets it from `accelerator.prepare`); only `paper` mode is
     possible there (see the module docstring). A NaN/inf loss raises a TextkeepError naming the batch's sample ids.
     """
     from tqdm.auto import tqdm
@@ -153,26 +141,29 @@ def compute_importance(
     if sharded:
         if mode != "paper":
             raise TextkeepError(
-                f"mode '{mode}' needs each batch's own gradient, and FSDP sums the processes' gradients before any hook sees "
-                "them; use mode=paper under FSDP, or run without sharding (DDP: every process holds a full copy)."
+                f"mode '{mode}' needs each batch's own gradient, "
+                "and FSDP sums the processes' gradients before any hook sees "
+                "them; use --mode paper under FSDP, or run without sharding (DDP: every process holds a full copy)."
             )
-        if hasattr(model.llm, "peft_config"):
+        if is_peft(model.llm):
             raise TextkeepError(
-                "a LoRA model cannot be merged once FSDP has sharded it; merge it first (`textkeep merge`), then score the merged checkpoint."
+                "a LoRA model cannot be merged once FSDP has sharded it; merge it first (`textkeep merge`), "
+                "then score the merged checkpoint."
             )
         # Every process must run as many backward passes as the others (each one is a collective): the ones with
         # fewer batches repeat one with its loss multiplied by zero.
         mine += [None] * (math.ceil(len(batches) / world) - len(mine))
     elif _is_sharded(model.llm):
         raise TextkeepError(
-            "the LLM is FSDP-sharded; pass sharded_loss=ImportanceLoss(model) as FSDP wrapped it (see compute_importance)."
+            "the LLM is FSDP-sharded; pass sharded_loss=LossModule(model) as FSDP wrapped it (see compute_importance)."
         )
 
     with _scoring(model, merge=not sharded) as llm:
         params = dict(llm.named_parameters())  # tied weights appear once
         if any("_fsdp_wrapped_module" in k for k in params):
             raise TextkeepError(
-                "FSDP1 flattens the parameters, so a map could not keep their names; use FSDP2 (fsdp_version: 2 in the accelerate config)."
+                "FSDP1 flattens the parameters, so a map could not keep their names; "
+                "use FSDP2 (fsdp_version: 2 in the accelerate config)."
             )
         layer_prefix, n_layers = decoder_layers(llm)
         n_b = [1]
@@ -199,7 +190,8 @@ def compute_importance(
                 if not torch.isfinite(loss):
                     ids = ", ".join(s.id or "?" for s in batch)
                     raise TextkeepError(
-                        f"loss is {loss.item()} on importance batch {i} (samples: {ids}); check these samples and the model's "
+                        f"loss is {loss.item()} on importance batch {i} (samples: {ids}); "
+                        "check these samples and the model's "
                         "weights (fp16/bf16 overflow? load the model in float32)."
                     )
                 if n > 0:  # a batch without response tokens has no L_b; it only counts as seen
@@ -258,6 +250,42 @@ def compute_importance(
     return ImportanceMap(scores, meta)
 
 
+def importance_of(
+    model,
+    records: Sequence,
+    *,
+    modality: str = "text",
+    mode: str = "paper",
+    batch_size: int = 8,
+    meta: dict | None = None,
+    accelerator=None,
+    progress: bool = True,
+) -> ImportanceMap:
+    """The map of `model` on `records` (their transcripts, or their audio for modality speech): the one code path of
+    `textkeep importance compute` and the study's importance stages. `meta`: provenance stored with the map
+    (model, dataset, split, seed). Under FSDP (an `accelerator` whose plugin shards) the loss runs through the
+    sharded `LossModule` root."""
+    from accelerate import DistributedType
+
+    from textkeep.data.samples import make_samples
+
+    samples = make_samples(model, records, modality, progress=progress)
+    sharded_loss = None
+    if accelerator is not None and accelerator.distributed_type == DistributedType.FSDP:
+        sharded_loss = accelerator.prepare(LossModule(model))
+    imap = compute_importance(
+        model,
+        samples,
+        mode=mode,
+        batch_size=batch_size,
+        accelerator=accelerator,
+        sharded_loss=sharded_loss,
+        progress=progress,
+    )
+    imap.meta |= {**(meta or {}), "modality": modality}
+    return imap
+
+
 def importance_compute(
     model: str,
     data: str,
@@ -278,7 +306,8 @@ def importance_compute(
         model: a textkeep checkpoint directory, or an LLM (registry name, local directory or hub id) scored as is.
         data: a data set name (alpaca, alpaca-gpt4, …) or a JSON/JSONL/CSV file of records.
         modality: `text` (the transcript through the text path) or `speech` (the audio through encoder and adaptor).
-        mode: `paper` = |θ ⊙ ∇L(D)| on the whole set; `abs` = mean over batches of |θ ⊙ ∇L_b|; `fisher` = mean of (θ ⊙ ∇L_b)².
+        mode: `paper` = |θ ⊙ ∇L(D)| on the whole set; `abs` = mean over batches of |θ ⊙ ∇L_b|; `fisher` = mean
+            of (θ ⊙ ∇L_b)².
         out: the map directory to write (importance.safetensors + summary.json).
         split: which records to score: `importance` (1/30 of train, as in the paper), `train`, `test` or `all`.
         split_file: a splits.json to take the split from, instead of making splits with `seed`.
@@ -291,12 +320,12 @@ def importance_compute(
     """
     import warnings
 
-    from accelerate import Accelerator, DistributedType
+    from accelerate import Accelerator
 
     from textkeep.data.datasets import load_dataset, spoken_records
-    from textkeep.data.samples import MODALITIES, make_samples
+    from textkeep.data.samples import MODALITIES
     from textkeep.data.splits import apply_split_ids, make_splits
-    from textkeep.model.speech_llm import SpeechLLM, is_checkpoint
+    from textkeep.model.speech_llm import is_checkpoint, load_speech_llm
 
     if mode not in MODES:
         raise TextkeepError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -308,15 +337,13 @@ def importance_compute(
         raise TextkeepError(f"--limit must be ≥ 1, got {limit}")
     torch.manual_seed(seed)
     accelerator = Accelerator()
-    if is_checkpoint(model):
-        speech_llm = SpeechLLM.load(model)
-    else:
-        if modality == "speech":
-            warnings.warn(
-                f"'{model}' is an LLM, not a checkpoint: its speech adaptor is freshly initialised, so speech importance reflects a random adaptor.",
-                stacklevel=2,
-            )
-        speech_llm = SpeechLLM.build(model, encoder if modality == "speech" else None, seed=seed)
+    if modality == "speech" and not is_checkpoint(model):
+        warnings.warn(
+            f"'{model}' is an LLM, not a checkpoint: its speech adaptor is freshly initialised, so speech importance "
+            "reflects a random adaptor.",
+            stacklevel=2,
+        )
+    speech_llm = load_speech_llm(model, encoder if modality == "speech" else None, seed=seed)
     speech_llm.to(accelerator.device)
 
     records = load_dataset(data)
@@ -324,27 +351,29 @@ def importance_compute(
         splits = apply_split_ids(records, split_file) if split_file else make_splits(records, seed=seed)
         records = getattr(splits, split)
     records = spoken_records(records, spoken, modality == "speech", f"'{split}' records of '{data}'")[:limit]
-    samples = make_samples(speech_llm, records, modality, progress=accelerator.is_main_process)
-
-    sharded_loss = None
-    if accelerator.distributed_type == DistributedType.FSDP:
-        sharded_loss = accelerator.prepare(ImportanceLoss(speech_llm))
     started = time.perf_counter()
-    imap = compute_importance(
-        speech_llm, samples, mode=mode, batch_size=batch_size, accelerator=accelerator, sharded_loss=sharded_loss
-    )
-    seconds = time.perf_counter() - started
-    imap.meta |= {
+    meta = {
         "model": str(model),
         "dataset": data,
         "split": split if not split_file else f"{split} ({split_file})",
         "seed": seed,
-        "modality": modality,
     }
+    imap = importance_of(
+        speech_llm,
+        records,
+        modality=modality,
+        mode=mode,
+        batch_size=batch_size,
+        meta=meta,
+        accelerator=accelerator,
+        progress=accelerator.is_main_process,
+    )
+    seconds = time.perf_counter() - started
     if accelerator.is_main_process:
         imap.save(out)
         print(
-            f"importance ({mode}, {modality}) of {len(samples)} examples in {seconds:.1f} s ({len(samples) / seconds:.2f} examples/s) → {out}"
+            f"importance ({mode}, {modality}) of {len(records)} examples in {seconds:.1f} s "
+            f"({len(records) / seconds:.2f} examples/s) → {out}"
         )
     accelerator.wait_for_everyone()
     return Path(out)

@@ -3,7 +3,7 @@ the LLM's parameters and measure the perplexity of reference responses, with tex
 
 Scope. `tensor` (default, as Zhang et al. 2024, the paper's ref [21]): every tensor inside the decoder layers loses
 its own p% (rounded half up). `global`: one threshold over all of them, found exactly by the radix select of
-`analysis.select_top` (two streaming 65536-bin histogram passes over the float32 bit patterns, then exact
+`select.select_top` (two streaming 65536-bin histogram passes over the float32 bit patterns, then exact
 selection; no sort, no copy of all scores). `include_embeddings` adds the token embeddings and an untied LM head
 (a tied head is the embedding matrix itself); `include_norms=False` leaves out the decoder layers' norm weights.
 The final norm and the speech front-end are never touched.
@@ -14,6 +14,10 @@ Ties at a threshold are broken by position (earliest first), so each selection h
 
 Weights are restored bit for bit: only the zeroed entries are saved (p% of the scope) and written back in a
 `finally`, also when the measurement raises.
+
+One result for the command and the study: `deactivate` measures and returns it (Table 1's perplexities plus, per
+input and condition, every example's summed response-token loss and token count, from which the report draws its
+intervals over examples); `write_deactivation` writes it as deactivation.json and deactivation.md.
 """
 
 from __future__ import annotations
@@ -21,19 +25,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from textkeep.errors import TextkeepError
-from textkeep.importance.analysis import count_for, jsonable, open_map, seed_of, select_top, shape_of
-from textkeep.importance.maps import decoder_layers, module_type
+from textkeep.fileio import jsonable, write_json, write_text
+from textkeep.importance.maps import check_compatible, decoder_layers, module_type, open_map
+from textkeep.importance.select import count_for, seed_of, select_top
+from textkeep.model.speech_llm import is_peft
 
 CONDITIONS = ("top", "bottom", "random")
 SCOPES = ("tensor", "global")
 INPUT_ORDER = ("speech", "text")  # Table 1's row order
+INPUTS = ("text", "speech")
 
 
 class RandomScores(Mapping):
@@ -55,9 +62,10 @@ class RandomScores(Mapping):
 
 def scope_names(llm, include_embeddings: bool = False, include_norms: bool = True) -> dict[str, tuple[int, ...]]:
     """Name → shape of the parameters that deactivation may touch."""
-    if hasattr(llm, "peft_config"):
+    if is_peft(llm):
         raise TextkeepError(
-            "deactivation needs the bare LLM: merge the LoRA adapter first (`model.llm = model.llm.merge_and_unload()`)."
+            "deactivation needs the bare LLM: merge the LoRA adapter first "
+            "(`model.llm = model.llm.merge_and_unload()`)."
         )
     prefix, _ = decoder_layers(llm)
     extra = ("embeddings", "head") if include_embeddings else ()
@@ -84,13 +92,7 @@ def choose(
     if not 0 <= percent <= 100:
         raise TextkeepError(f"percent must be in 0..100, got {percent}")
     names = sorted(shapes)
-    for n in names:
-        have = shape_of(scores, n)
-        if have != shapes[n]:
-            raise TextkeepError(
-                f"the importance map has {'no ' + n if have is None else f'{n} of shape {have}'} (model: {shapes[n]}); "
-                "compute the map on this model (`textkeep importance compute`)."
-            )
+    check_compatible(scores, shapes, names=names)
     if condition == "random":
         scores = RandomScores(shapes, seed)
     largest = condition != "bottom"
@@ -119,6 +121,42 @@ def deactivated(llm, indices: dict[str, torch.Tensor]) -> Iterator[None]:
                 params[name].view(-1)[idx] = values
 
 
+def _measure(
+    model,
+    importance_map,
+    samples_by_input: dict[str, list],
+    percent: float,
+    scope: str,
+    include_embeddings: bool,
+    seed: int,
+    batch_size: int,
+    include_norms: bool,
+) -> dict[str, dict[str, dict]]:
+    """{input: {condition: the `perplexity` result with per-example sums}} for base, top, bottom and random: the one
+    measurement behind `deactivation_table` and `deactivate`."""
+    from textkeep.eval.perplexity import perplexity
+
+    if isinstance(importance_map, (str, Path)):
+        importance_map = open_map(importance_map)
+    scores = getattr(importance_map, "scores", importance_map)
+    shapes = scope_names(model.llm, include_embeddings, include_norms)
+
+    def measure(samples):
+        return perplexity(model, samples, batch_size, per_example=True)
+
+    runs = {name: {"base": measure(samples)} for name, samples in samples_by_input.items()}
+    for condition in CONDITIONS:
+        indices = choose(scores, shapes, condition, percent, scope, seed)
+        with deactivated(model.llm, indices):
+            for name, samples in samples_by_input.items():
+                runs[name][condition] = measure(samples)
+    return runs
+
+
+def _table(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    return {name: {c: r["ppl"] for c, r in per.items()} for name, per in runs.items()}
+
+
 def deactivation_table(
     model,
     importance_map,
@@ -135,21 +173,10 @@ def deactivation_table(
     `importance_map`: a map directory, an `ImportanceMap`, or a name → tensor mapping. Returns
     {input: {"base": ppl, "top": ppl, "bottom": ppl, "random": ppl}}.
     """
-    from textkeep.eval.perplexity import perplexity
-
-    if isinstance(importance_map, (str, Path)):
-        importance_map = open_map(importance_map)
-    scores = getattr(importance_map, "scores", importance_map)
-    shapes = scope_names(model.llm, include_embeddings, include_norms)
-    table = {
-        name: {"base": perplexity(model, samples, batch_size)["ppl"]} for name, samples in samples_by_input.items()
-    }
-    for condition in CONDITIONS:
-        indices = choose(scores, shapes, condition, percent, scope, seed)
-        with deactivated(model.llm, indices):
-            for name, samples in samples_by_input.items():
-                table[name][condition] = perplexity(model, samples, batch_size)["ppl"]
-    return table
+    runs = _measure(
+        model, importance_map, samples_by_input, percent, scope, include_embeddings, seed, batch_size, include_norms
+    )
+    return _table(runs)
 
 
 def n_deactivated(shapes: dict[str, tuple[int, ...]], percent: float, scope: str = "tensor") -> int:
@@ -185,11 +212,85 @@ def deactivation_markdown(tables: dict[str, dict], percent: float = 3.0) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_inputs(inputs: Sequence[str]) -> list[str]:
+    wanted = list(inputs)
+    if not wanted or any(i not in INPUTS for i in wanted):
+        raise TextkeepError(f"inputs must be a comma-separated list of text, speech; got {inputs!r}")
+    return wanted
+
+
+def deactivate(
+    model,
+    map,
+    records: Sequence,
+    inputs: Sequence[str] = INPUTS,
+    percent: float = 3.0,
+    scope: str = "tensor",
+    seed: int = 0,
+    include_norms: bool = True,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict:
+    """Table 1 for one model: measure perplexity with nothing, the top, the bottom and a random `percent`% removed.
+
+    Args:
+        model: a SpeechLLM with a bare LLM (merge LoRA first, e.g. `load_speech_llm(..., merge_lora=True)`), on the
+            device it should run on; its weights are back bit for bit on return.
+        map: the importance map: a directory, an `ImportanceMap` or a name → tensor mapping (of this model).
+        records: the examples (data.records.Record with reference responses; with audio for speech inputs).
+        inputs: the input kinds to measure, among text and speech.
+        percent, scope, seed, include_norms: as `importance_deactivate`.
+        limit: measure only the first `limit` records (None or 0: all).
+        batch_size: examples per forward.
+
+    Returns the JSON-able result that `write_deactivation` writes: "table" ({input: {"base", "top", "bottom",
+    "random": perplexity}}), "per_example" ({input: {condition: {"losses": [...], "n_tokens": [...]}}}: each
+    example's summed response-token loss (nats) and token count, in the order of "example_ids"), "example_ids",
+    "model" (its LLM's name), "map", "inputs", "n_examples", "percent", "scope", "include_norms", "seed",
+    "n_scope_parameters", "n_deactivated", "seconds".
+    """
+    from textkeep.data.samples import make_samples
+
+    wanted = _check_inputs(inputs)
+    started = time.time()
+    records = list(records[:limit] if limit else records)
+    samples = {i: make_samples(model, records, i) for i in wanted}
+    runs = _measure(model, map, samples, percent, scope, False, seed, batch_size, include_norms)
+    shapes = scope_names(model.llm, include_norms=include_norms)
+    return jsonable(
+        {
+            "table": _table(runs),
+            "model": model.config.llm,
+            "map": str(map) if isinstance(map, (str, Path)) else None,
+            "inputs": wanted,
+            "n_examples": len(records),
+            "percent": percent,
+            "scope": scope,
+            "include_norms": include_norms,
+            "seed": seed,
+            "n_scope_parameters": sum(math.prod(s) for s in shapes.values()),
+            "n_deactivated": n_deactivated(shapes, percent, scope),
+            "seconds": round(time.time() - started, 1),
+            "example_ids": [r.id for r in records],
+            "per_example": {name: {c: r["per_example"] for c, r in per.items()} for name, per in runs.items()},
+        }
+    )
+
+
+def write_deactivation(out: str | Path, result: dict, label: str) -> Path:
+    """`result` (of `deactivate`) as out/deactivation.json, and Table 1's rows as out/deactivation.md, the model
+    labelled `label`. Returns `out`."""
+    out = Path(out)
+    write_json(out / "deactivation.json", jsonable(result))
+    write_text(out / "deactivation.md", deactivation_markdown({label: result["table"]}, result["percent"]))
+    return out
+
+
 def importance_deactivate(
     model: str,
     map: Path,
     data: str,
-    inputs: str = "text,speech",
+    inputs: list[str] = ["text", "speech"],
     percent: float = 3.0,
     scope: str = "tensor",
     limit: int = 100,
@@ -204,10 +305,11 @@ def importance_deactivate(
     bottom and a random `percent`% of the LLM's parameters, with text and with speech inputs.
 
     Args:
-        model: a textkeep checkpoint directory (LoRA is merged), or an LLM; an LLM has no trained adaptor, so only text inputs are measured.
+        model: a textkeep checkpoint directory (LoRA is merged), or an LLM; an LLM has no trained adaptor, so only
+            text inputs are measured.
         map: the importance map directory (computed on this model).
         data: the data set (built-in name or file) with reference responses.
-        inputs: comma-separated: text, speech.
+        inputs: the input kinds, among text and speech (`text,speech` on the command line).
         percent: the share of parameters zeroed in each condition.
         scope: tensor (each decoder-layer tensor loses its own p%, as Zhang et al. 2024) or global (one threshold).
         limit: at most this many examples of the split.
@@ -223,62 +325,32 @@ def importance_deactivate(
             removes whole channels; --include-norms false keeps to the weight matrices.
     """
     from textkeep.data.datasets import load_dataset, spoken_records
-    from textkeep.data.samples import make_samples
     from textkeep.data.splits import make_splits
-    from textkeep.fileio import write_json, write_text
-    from textkeep.model.speech_llm import SpeechLLM, is_checkpoint
+    from textkeep.model.speech_llm import is_checkpoint, load_speech_llm
+    from textkeep.runtime import on_device
 
-    wanted = [i.strip() for i in inputs.split(",") if i.strip()]
-    if not wanted or any(i not in ("text", "speech") for i in wanted):
-        raise TextkeepError(f"inputs must be a comma-separated list of text, speech; got {inputs!r}")
+    wanted = _check_inputs(inputs)
     if split not in ("test", "train", "importance", "all"):
         raise TextkeepError(f"split must be test, train, importance or all; got {split!r}")
     started = time.time()
-    if is_checkpoint(model):
-        speech_llm = SpeechLLM.load(model)
-    else:
+    if not is_checkpoint(model):
         if "speech" in wanted:
             print("note: an LLM without a trained adaptor hears nothing; measuring text inputs only.")
         wanted = ["text"]
-        speech_llm = SpeechLLM.build(model, None)
-    if hasattr(speech_llm.llm, "peft_config"):
-        speech_llm.llm = speech_llm.llm.merge_and_unload()
-    if torch.cuda.is_available():
-        speech_llm.to("cuda")
+    speech_llm = on_device(load_speech_llm(model, None, merge_lora=True))  # an LLM is measured on text only
     records = load_dataset(data)
     if split != "all":
         records = getattr(make_splits(records, seed=seed), split)
     records = spoken_records(records, spoken, "speech" in wanted, f"'{split}' records of '{data}'")
-    records = records[:limit] if limit else records
-    samples = {i: make_samples(speech_llm, records, i) for i in wanted}
-    table = deactivation_table(
-        speech_llm, map, samples, percent=percent, scope=scope, seed=seed, include_norms=include_norms
-    )
-    shapes = scope_names(speech_llm.llm, include_norms=include_norms)
-    out = Path(out)
-    md = deactivation_markdown({Path(model).name if is_checkpoint(model) else model: table}, percent)
-    write_json(
-        out / "deactivation.json",
-        jsonable(
-            {
-                "table": table,
-                "model": model,
-                "map": str(map),
-                "data": data,
-                "spoken": str(spoken) if spoken is not None else None,
-                "inputs": wanted,
-                "split": split,
-                "n_examples": len(records),
-                "percent": percent,
-                "scope": scope,
-                "include_norms": include_norms,
-                "seed": seed,
-                "n_scope_parameters": sum(math.prod(s) for s in shapes.values()),
-                "n_deactivated": n_deactivated(shapes, percent, scope),
-                "seconds": round(time.time() - started, 1),
-            }
-        ),
-    )
-    write_text(out / "deactivation.md", md)
-    print(md, end="")
-    return out
+    result = deactivate(speech_llm, map, records, wanted, percent, scope, seed, include_norms, limit)
+    # The command's own provenance, beside what `deactivate` reports.
+    result |= {
+        "model": model,
+        "data": data,
+        "spoken": str(spoken) if spoken is not None else None,
+        "split": split,
+        "seconds": round(time.time() - started, 1),
+    }
+    write_deactivation(out, result, Path(model).name if is_checkpoint(model) else model)
+    print((Path(out) / "deactivation.md").read_text(encoding="utf-8"), end="")
+    return Path(out)

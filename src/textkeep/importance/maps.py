@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ INT_META = ("n_examples", "n_tokens", "n_batches", "n_layers", "seed", "batch_si
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULES = (*PROJ, "norms", "embeddings", "head")
 LAYER_MODULES = (*PROJ, "norms")
+_LAYERS = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass
@@ -98,7 +100,8 @@ def decoder_layers(llm: nn.Module) -> tuple[str, int]:
         if isinstance(m, nn.ModuleList) and len(m) == n:
             return names[id(m)], n
     raise TextkeepError(
-        f"no list of {n} decoder layers found in {type(llm).__name__}; this architecture is not supported by importance maps."
+        f"no list of {n} decoder layers found in {type(llm).__name__}; this architecture is not supported by "
+        "importance maps."
     )
 
 
@@ -113,9 +116,15 @@ def module_type(name: str) -> str:
 
 
 def layer_index(name: str, meta: dict | None = None) -> int | None:
-    """The decoder layer a parameter belongs to, or None (embeddings, final norm, head)."""
+    """The decoder layer a parameter belongs to (`model.layers.7.mlp.up_proj.weight` → 7), or None (embeddings,
+    final norm, head). textkeep's one reading of layer numbers.
+
+    `meta` carries `layer_prefix`, the qualified name of the decoder-layer list (a map's metadata, or
+    `{"layer_prefix": decoder_layers(llm)[0]}`); without it, a `layers.N.` component is looked for, the
+    Llama/Qwen/Mistral layout.
+    """
     prefix = (meta or {}).get("layer_prefix")
-    m = re.match(re.escape(prefix) + r"\.(\d+)\." if prefix else r".*?\.(\d+)\.", name)
+    m = re.match(re.escape(prefix) + r"\.(\d+)\.", name) if prefix else _LAYERS.search(name)
     return int(m.group(1)) if m else None
 
 
@@ -160,11 +169,85 @@ def summarize(imap: ImportanceMap) -> dict:
     }
 
 
+# ---- reading maps --------------------------------------------------------------------------------------------------
+class MapFile(Mapping):
+    """An importance map directory, its tensors read from disk only when asked for (an 8B map is 32 GB in fp32)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        file = self.path / WEIGHTS_FILE
+        if not file.is_file():
+            raise TextkeepError(
+                f"'{path}' holds no {WEIGHTS_FILE}; point at a directory written by `textkeep importance compute`."
+            )
+        self._file = safe_open(str(file), framework="pt")
+        self.meta = dict(self._file.metadata() or {})
+        self._keys = list(self._file.keys())
+        self._known = set(self._keys)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._file.get_tensor(name).float()
+
+    def __contains__(self, name) -> bool:
+        return name in self._known
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(name).get_shape())
+
+    def summary(self) -> dict:
+        return read_summary(self.path)
+
+
+def open_map(path: str | Path) -> MapFile:
+    """A map directory, opened lazily: the one reader of maps (`load_map` reads every tensor at once)."""
+    return MapFile(path)
+
+
+def shape_of(scores: Mapping, name: str) -> tuple | None:
+    """A score tensor's shape without reading it where the mapping allows; None when it is absent."""
+    if name not in scores:
+        return None
+    return scores.shape(name) if isinstance(scores, MapFile) else tuple(scores[name].shape)
+
+
+def decoder_names(scores: Mapping, meta: dict | None = None) -> list[str]:
+    """The map's decoder-layer parameter names, sorted (the order that breaks ties in selections)."""
+    meta = meta if meta is not None else getattr(scores, "meta", {})
+    return sorted(k for k in scores if layer_index(k, meta) is not None)
+
+
+def default_labels(paths: Sequence, labels: Sequence[str] | None) -> list[str]:
+    """The given labels of map (or checkpoint) directories, checked one per path; or names from the paths:
+    the directory's name (its parent's for a run's `model/`), or its last two parts where names repeat."""
+    if labels:
+        if len(labels) != len(paths):
+            raise TextkeepError(
+                f"{len(labels)} labels for {len(paths)} maps/checkpoints; give one label each, or none."
+            )
+        return list(labels)
+    names = [Path(p).name if Path(p).name != "model" else Path(p).parent.name for p in paths]
+    if len(set(names)) < len(names):  # e.g. runs/a/importance and runs/b/importance
+        names = ["/".join(Path(p).parts[-2:]) for p in paths]
+    return names
+
+
 # ---- compatibility -------------------------------------------------------------------------------------------------
 def bare_parameter_shapes(llm: nn.Module) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the bare causal LM's parameters; for a peft model, those of the merged model."""
+    from textkeep.model.speech_llm import is_peft
+
     llm = getattr(llm, "llm", llm)  # a SpeechLLM is fine too
-    if not hasattr(llm, "peft_config"):
+    if not is_peft(llm):
         return {k: tuple(p.shape) for k, p in llm.named_parameters()}
     shapes = {}
     for k, p in llm.get_base_model().named_parameters():
@@ -174,12 +257,22 @@ def bare_parameter_shapes(llm: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_compatible(imap: ImportanceMap, llm: nn.Module) -> None:
-    """Raise a TextkeepError naming the first mismatches when the map does not fit the LLM parameter by parameter."""
-    want = bare_parameter_shapes(llm)
-    have = {k: tuple(v.shape) for k, v in imap.scores.items()}
+def check_compatible(scores, llm: nn.Module | Mapping, names=None, fix: str | None = None) -> None:
+    """Raise a TextkeepError naming the first mismatches when a map does not fit the LLM parameter by parameter:
+    textkeep's one check of map against model (layer-lr, deactivation, importance).
+
+    `scores`: an ImportanceMap, a MapFile or a name → tensor mapping. `llm`: the model (a SpeechLLM or its LLM), or
+    its bare parameters' shapes (name → shape) where a caller holds those already. `names`: the parameters that must
+    fit (default: every parameter of the bare LLM, and then the map may hold no others). `fix`: what the user should
+    do instead.
+    """
+    meta = getattr(scores, "meta", {})
+    scores = getattr(scores, "scores", scores)
+    bare = {k: tuple(v) for k, v in llm.items()} if isinstance(llm, Mapping) else bare_parameter_shapes(llm)
+    want = bare if names is None else {k: bare[k] for k in names if k in bare}
+    have = {k: shape_of(scores, k) for k in scores}
     missing = [k for k in want if k not in have]
-    extra = [k for k in have if k not in want]
+    extra = [k for k in have if k not in want] if names is None else []
     shape = [f"{k} (map {have[k]}, model {want[k]})" for k in want if k in have and have[k] != want[k]]
     if not (missing or extra or shape):
         return
@@ -188,11 +281,25 @@ def check_compatible(imap: ImportanceMap, llm: nn.Module) -> None:
         for what, v in (("missing from the map", missing), ("not in the model", extra), ("of another shape", shape))
         if v
     ]
-    raise TextkeepError(
-        f"importance map (of model {imap.meta.get('model') or '?'}) does not fit this LLM — parameters "
-        + "; ".join(problems)
-        + ". Compute the map on this model (`textkeep importance compute --model …`) or load the model it was computed on."
+    model = meta.get("model") or "?"
+    fix = (
+        fix
+        or "compute the map on this model (`textkeep importance compute --model …`) or load the model it was "
+        "computed on"
     )
+    raise TextkeepError(
+        f"importance map (of model {model}) does not match this LLM — parameters " + "; ".join(problems) + f". {fix}."
+    )
+
+
+def check_same_parameters(a: MapFile, b: MapFile) -> None:
+    """Raise a TextkeepError unless two maps score the same decoder-layer parameters with the same shapes:
+    textkeep's one check of map against map (maps are compared on their decoder layers)."""
+    names = decoder_names(a)
+    if decoder_names(b) != names or any(shape_of(a, k) != shape_of(b, k) for k in names):
+        raise TextkeepError(
+            f"'{b.path}' and '{a.path}' do not score the same parameters; compare maps of one architecture."
+        )
 
 
 def read_summary(map_dir: str | Path) -> dict:

@@ -31,7 +31,8 @@ def load_audio(path: str | Path, max_seconds: float = MAX_SECONDS) -> np.ndarray
     path = Path(path)
     if not path.is_file():
         raise TextkeepError(
-            f"Audio file '{path}' does not exist; check the path (relative paths resolve against the current directory)."
+            f"Audio file '{path}' does not exist; "
+            "check the path (relative paths resolve against the current directory)."
         )
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=False)

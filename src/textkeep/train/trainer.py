@@ -30,83 +30,21 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from textkeep.errors import TextkeepError
 from textkeep.fileio import atomic_dir, write_json, write_text
-from textkeep.train.strategies import STRATEGIES, apply_lora, layer_lr_scales, param_groups, read_layer_importance
+from textkeep.model.speech_llm import LossModule, is_peft
+from textkeep.train.config import TrainConfig
+from textkeep.train.strategies import apply_lora, layer_lr_scales, param_groups, read_layer_importance
 
 MAX_GRAD_NORM = 1.0  # HF Trainer's default, which LLaMA-Omni's Stage 1 inherits (as weight decay 0 and AdamW's betas)
 MEGABATCH = 50  # micro-batches sorted together by length
 KEEP_CHECKPOINTS = 2
-
-
-@dataclass
-class TrainConfig:
-    """What the training loop needs; the defaults are LLaMA-Omni's Stage 1 (effective batch 32, 3 epochs, 2e-5, 3% warm-up)."""
-
-    strategy: str = "full"
-    importance: Path | None = None
-    lam: float = 0.4
-    lora_rank: int = 8
-    lora_alpha: int | None = None
-    lora_dropout: float = 0.05
-    lr: float = 2e-5
-    epochs: float = 3
-    batch_size: int = 8
-    grad_accum: int = 4
-    warmup_ratio: float = 0.03
-    max_steps: int | None = None
-    save_every: int = 50
-    adaptor_warmup_steps: int = 0
-    adaptor_lr: float = 1e-3
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    resume: bool = False
-
-    def __post_init__(self):
-        """Refuse bad values before anything is loaded or written."""
-
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise TextkeepError(f"bad training setting: {what}")
-
-        need(self.strategy in STRATEGIES, f"strategy {self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
-        need(0.0 <= self.lam <= 1.0, f"lam (λ of Eq. 3) must be in [0, 1], got {self.lam}; the paper's default is 0.4.")
-        need(self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank}; the paper uses 8 (1B) and 16 (8B).")
-        need(
-            self.lora_alpha is None or self.lora_alpha > 0,
-            f"lora_alpha must be positive, got {self.lora_alpha}; leave it unset for α = 2·rank.",
-        )
-        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        for name in ("lr", "adaptor_lr", "epochs"):
-            value = getattr(self, name)
-            need(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}.")
-        need(
-            self.batch_size >= 1 and self.grad_accum >= 1,
-            f"batch_size and grad_accum must be ≥ 1, got {self.batch_size} and {self.grad_accum}.",
-        )
-        need(
-            0.0 <= self.warmup_ratio < 1.0,
-            f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}; LLaMA-Omni uses 0.03.",
-        )
-        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1 or unset, got {self.max_steps}.")
-        need(self.save_every >= 1, f"save_every must be ≥ 1 step, got {self.save_every}.")
-        need(self.adaptor_warmup_steps >= 0, f"adaptor_warmup_steps must be ≥ 0, got {self.adaptor_warmup_steps}.")
-        if self.strategy == "layer-lr":
-            need(
-                self.importance is not None,
-                "strategy 'layer-lr' needs importance=DIR, the pre-trained LLM's textual importance map (`textkeep importance`).",
-            )
-            need(
-                Path(self.importance).is_dir(),
-                f"importance map directory '{self.importance}' does not exist; compute it with `textkeep importance` first.",
-            )
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -164,7 +102,8 @@ class _Stream:
         self.per_epoch = len(self.order(0))
         if self.per_epoch == 0:
             raise TextkeepError(
-                f"{len(lengths)} examples make fewer micro-batches of {batch_size} than there are processes ({world}); use more data."
+                f"{len(lengths)} examples make fewer micro-batches of {batch_size} than there are processes ({world}); "
+                "use more data."
             )
 
     def order(self, epoch: int) -> list[list[int]]:
@@ -192,33 +131,22 @@ class _Stream:
 # ---- the loop ----------------------------------------------------------------------------------------------------
 
 
-class _LossModule(nn.Module):
-    """What accelerate wraps (DDP, autocast): forward = the summed response-token loss of one micro-batch."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model.loss_sum(batch)[0]
-
-
 def layer_scales(model, cfg: TrainConfig) -> list[float] | None:
     """Eq. 3 scales from the map (layer-lr), after checking the map belongs to this LLM; None for other strategies."""
     if cfg.strategy != "layer-lr":
         return None
-    llm = model.llm.get_base_model() if hasattr(model.llm, "peft_config") else model.llm
+    llm = model.llm.get_base_model() if is_peft(model.llm) else model.llm
     return layer_lr_scales(read_layer_importance(cfg.importance, llm), cfg.lam)
 
 
-def check_out(out: Path, cfg: TrainConfig, run_info: dict | None = None) -> None:
+def check_out(out: Path, cfg: TrainConfig, run_info: dict | None = None, resume: bool = False) -> None:
     """Refuse to overwrite a run, or to resume one with different settings."""
     saved_path = Path(out) / "train_config.json"
     if not saved_path.is_file():
         return
-    if not cfg.resume:
+    if not resume:
         raise TextkeepError(
-            f"'{out}' already holds a training run; pass resume=True to continue it, or choose another out."
+            f"'{out}' already holds a training run; pass --resume to continue it, or choose another --out."
         )
     saved = json.loads(saved_path.read_text())["args"]
     now = _args(cfg, run_info)
@@ -227,20 +155,22 @@ def check_out(out: Path, cfg: TrainConfig, run_info: dict | None = None) -> None
     )
     if changed:
         raise TextkeepError(
-            f"resume=True, but {', '.join(f'{k} ({saved.get(k)!r} → {now.get(k)!r})' for k in changed)} differ from the run in '{out}'; "
-            "resume with the same settings, or train into another out."
+            f"--resume, but {', '.join(f'{k} ({saved.get(k)!r} → {now.get(k)!r})' for k in changed)} "
+            f"differ from the run in '{out}'; "
+            "resume with the same settings, or train into another --out."
         )
 
 
-def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None) -> Path:
-    """Train `model` (a SpeechLLM) on `data` (SampleList / SpeechExamples) into the run directory `out`."""
+def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None, resume: bool = False) -> Path:
+    """Train `model` (a SpeechLLM) on `data` (SampleList / SpeechExamples) into the run directory `out`; with
+    `resume`, continue the run there from its last checkpoint (same settings required)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     out = Path(out)
     scales = layer_scales(model, cfg)
-    check_out(out, cfg, run_info)
+    check_out(out, cfg, run_info, resume)
     if len(data) == 0:
         raise TextkeepError("no training examples; check the data set, split_file and limit.")
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if torch.cuda.is_available() else "no")
@@ -268,12 +198,12 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None) 
     if model.encoder is not None:
         model.encoder.eval()
 
-    ckpt = _last_checkpoint(out) if cfg.resume else None
+    ckpt = _last_checkpoint(out) if resume else None
     if ckpt is not None:
         _load_weights(model, ckpt)  # before prepare: DDP copies rank 0's weights to the others there
     optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.lr, scales), lr=cfg.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    wrapper = accelerator.prepare(_LossModule(model))
+    wrapper = accelerator.prepare(LossModule(model))
     optimizer = accelerator.prepare(optimizer)
     step, micro = 0, 0
     if ckpt is not None:
@@ -372,7 +302,7 @@ def _accumulate(accelerator, wrapper, model, data, batches, grad_accum, step, ou
     loss_sum = 0.0
     for idx, batch in zip(batches, tokenized):
         with accelerator.accumulate(wrapper):
-            loss = wrapper(batch)
+            loss = wrapper(batch)[0]
             if not torch.isfinite(loss):
                 raise _stop(f"loss is {loss.item()}", step, idx, data, out)
             # accelerate divides by grad_accum; the step's response-token count is the right denominator.
@@ -405,12 +335,13 @@ def _stop(what: str, step: int, idx: list[int], data, out: Path) -> TextkeepErro
     ids = [s.id for s in data.samples(idx)] if hasattr(data, "samples") else idx
     last = _last_checkpoint(out)
     keep = (
-        f"the last good checkpoint is '{last}' (resume=True continues from it)"
+        f"the last good checkpoint is '{last}' (--resume continues from it)"
         if last
         else "no checkpoint was written yet"
     )
     return TextkeepError(
-        f"{what} at step {step} (micro-batch of samples {', '.join(map(str, ids[:8]))}{'…' if len(ids) > 8 else ''}); training stopped, "
+        f"{what} at step {step} (micro-batch of samples {', '.join(map(str, ids[:8]))}"
+        f"{'…' if len(ids) > 8 else ''}); training stopped, "
         f"{keep}. Lower lr (or add adaptor warm-up), or check those samples' audio and response."
     )
 
@@ -446,12 +377,12 @@ def _save_checkpoint(
                 {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
                 str(tmp / "trainable.safetensors"),
             )
+            # No pickle: the optimizer's state is tensors and numbers (loaded back with weights_only=True), the
+            # scheduler's and the RNGs' are JSON and tensors, so a checkpoint from elsewhere cannot run code on
+            # --resume.
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(rng, tmp / "rng.pt")
+            write_json(tmp / "scheduler.json", scheduler.state_dict())
+            _save_rng(tmp)
             write_json(
                 tmp / "state.json",
                 {"step": step, "micro": micro, "epoch": epoch, "batch": batch, "order": stream.order(epoch)},
@@ -468,22 +399,67 @@ def _load_weights(model, ckpt: Path) -> None:
     if state.keys() != params.keys():
         diff = sorted(state.keys() ^ params.keys())
         raise TextkeepError(
-            f"checkpoint '{ckpt}' holds other trainable parameters than this setup (first: '{diff[0]}'); resume with the run's own settings."
+            f"checkpoint '{ckpt}' holds other trainable parameters than this setup (first: '{diff[0]}'); "
+            "resume with the run's own settings."
         )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state[n])
 
 
+def _save_rng(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, str(folder / "rng.safetensors"))
+    write_json(
+        folder / "rng.json",
+        {"python": [version, list(mt), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]},
+    )
+
+
+def _load_rng(folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors, state = load_file(str(folder / "rng.safetensors")), json.loads((folder / "rng.json").read_text())
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _load_tensors(path: Path):
+    """A .pt of plain tensors, numbers and containers; anything else (a pickled object that could run code) is
+    refused by torch's restricted unpickler, and reported as such."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TextkeepError(
+            f"'{path}' is not a plain tensor file ({first}); textkeep refuses to unpickle it, since loading it could "
+            "run code. Resume only checkpoints this textkeep wrote, or start the run again without --resume."
+        ) from None
+
+
 def _load_state(ckpt: Path, optimizer, scheduler, stream: _Stream) -> tuple[int, int]:
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if not (ckpt / "rng.json").is_file() or not (ckpt / "scheduler.json").is_file():
+        raise TextkeepError(
+            f"checkpoint '{ckpt}' was written by an older textkeep (pickled RNG and scheduler state), which is no "
+            "longer loaded; start the run again into a new --out."
+        )
+    optimizer.load_state_dict(_load_tensors(ckpt / "optimizer.pt"))
+    scheduler.load_state_dict(json.loads((ckpt / "scheduler.json").read_text()))
+    _load_rng(ckpt)
     state = json.loads((ckpt / "state.json").read_text())
     stream.set_order(state["epoch"], state["order"])
     return state["step"], state["micro"]
@@ -533,96 +509,68 @@ def train(
     encoder: str = "whisper-base",
     data: str = "alpaca-gpt4",
     spoken: Path | None = None,
-    strategy: str = "full",
     out: Path = Path("runs/train"),
-    importance: Path | None = None,
-    lam: float = 0.4,
-    lora_rank: int = 8,
-    lora_alpha: int | None = None,
-    lora_dropout: float = 0.05,
-    lr: float = 2e-5,
-    epochs: float = 3,
-    batch_size: int = 8,
-    grad_accum: int = 4,
-    warmup_ratio: float = 0.03,
-    max_steps: int | None = None,
-    save_every: int = 50,
     limit: int | None = None,
     split_file: Path | None = None,
-    adaptor_warmup_steps: int = 0,
-    adaptor_lr: float = 1e-3,
-    gradient_checkpointing: bool = False,
-    seed: int = 0,
-    resume: bool = False,
     encoder_policy: str = "pad30",
+    resume: bool = False,
+    train: TrainConfig = TrainConfig(),
 ) -> Path:
     """Stage-1 speech training (LLaMA-Omni): spoken instruction in, text response out; encoder frozen.
 
-    Defaults are LLaMA-Omni's Stage 1: effective batch 32 (batch_size × grad_accum), 3 epochs, cosine schedule with 3%
-    warm-up, peak lr 2e-5, AdamW without weight decay, gradients clipped at 1.0; fp32 on CPU, bf16 mixed precision on GPU.
+    The settings are `--train.KEY` (train/config.py); their defaults are LLaMA-Omni's Stage 1. fp32 on the CPU,
+    bf16 mixed precision on a GPU.
 
     Args:
-        model: an LLM (registry name, directory or hub id) to wrap with `encoder` and a fresh seeded adaptor, or a textkeep checkpoint to continue from.
+        model: an LLM (registry name, directory or hub id) to wrap with `encoder` and a fresh seeded adaptor, or a
+            textkeep checkpoint to continue from.
         encoder: the Whisper encoder when `model` is an LLM.
         data: the instruction data set (name or file); its records get their audio from `spoken`.
-        spoken: the TTS manifest (JSONL from `textkeep speak`); default: the cache's spoken/<data>/manifest.jsonl. Records without audio are left out.
-        strategy: full (adaptor + whole LLM), layer-lr (Eq. 3 per-layer rates) or lora (LoRA on all attention and MLP projections + adaptor).
+        spoken: the TTS manifest (JSONL from `textkeep speak`); default: the cache's spoken/<data>/manifest.jsonl.
+            Records without audio are left out.
         out: the run directory (final model in out/model, checkpoints, metrics, TensorBoard logs).
-        importance: layer-lr: the pre-trained LLM's textual importance map directory (importance.safetensors + summary.json).
-        lam: layer-lr: λ of Eq. 3, in [0, 1]; the most important layer trains at (1 − λ)·lr. Embeddings, final norm, head and adaptor keep lr.
-        lora_rank: LoRA rank r.
-        lora_alpha: LoRA α; default 2r, as the paper.
-        lora_dropout: dropout on the LoRA input (PEFT's usual 0.05; the paper does not say).
-        lr: peak learning rate.
-        epochs: passes over the data (may be fractional).
-        batch_size: examples per micro-batch (per process).
-        grad_accum: micro-batches per optimizer step.
-        warmup_ratio: fraction of the steps with linearly rising lr.
-        max_steps: stop after this many optimizer steps (overrides epochs for the schedule's length).
-        save_every: write a resume checkpoint every N optimizer steps (and at the end); the last 2 are kept.
         limit: train on the first N records with audio only.
         split_file: a splits.json (make_splits/save_split_ids): train on its `train` ids only.
-        adaptor_warmup_steps: first train the adaptor alone for N steps (LLM frozen) at adaptor_lr; 0 = off.
-        adaptor_lr: the adaptor warm-up's constant learning rate.
-        gradient_checkpointing: recompute LLM activations in the backward pass (less memory, ~30% slower).
-        seed: seeds the adaptor's initialisation, LoRA's, the data order and dropout.
+        encoder_policy: pad30 or trim (how the frozen encoder sees the audio; see docs/design.md), when `model` is
+            an LLM.
         resume: continue the run in `out` from its last checkpoint (same settings required).
-        encoder_policy: pad30 or trim (how the frozen encoder sees the audio; see docs/design.md), when `model` is an LLM.
+        train: strategy, optimizer, schedule and batching (see `--help` for each key).
     """
-    args = dict(locals())
     from accelerate import PartialState
 
-    names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in args.items() if k in names})
-    run_info = {k: v for k, v in args.items() if k not in names}
+    cfg = train
+    run_info = {"model": model, "encoder": encoder, "data": data, "spoken": spoken, "out": out, "limit": limit,
+                "split_file": split_file, "encoder_policy": encoder_policy, "resume": resume}  # fmt: skip
     if limit is not None and limit < 1:
-        raise TextkeepError(f"bad training setting: limit must be ≥ 1 or unset, got {limit}.")
-    check_out(Path(out), cfg, run_info)
-    speech_llm = _load_model(model, encoder, strategy, seed, encoder_policy)
+        raise TextkeepError(f"bad training setting: --limit must be ≥ 1 or unset, got {limit}.")
+    check_out(Path(out), cfg, run_info, resume)
+    speech_llm = _load_model(model, encoder, cfg.strategy, cfg.seed, encoder_policy)
     layer_scales(speech_llm, cfg)  # a map that does not fit is refused before the slow part
     records = _training_records(data, spoken, split_file, limit)
     state = PartialState()
     speech_llm.to(state.device)
     with state.main_process_first():  # the main process fills the feature cache, the others read it
         examples = SpeechExamples(speech_llm, records)
-    return fit(speech_llm, examples, Path(out), cfg, run_info)
+    return fit(speech_llm, examples, Path(out), cfg, run_info, resume)
 
 
 def _load_model(name: str, encoder: str, strategy: str, seed: int, encoder_policy: str = "pad30"):
-    from textkeep.model.speech_llm import CONFIG_FILE, SpeechLLM, is_checkpoint
+    """The model to train: `load_speech_llm`, plus what training needs of a checkpoint (full LLM weights,
+    an encoder)."""
+    from textkeep.model.speech_llm import CONFIG_FILE, is_checkpoint, load_speech_llm
 
+    model = load_speech_llm(name, encoder, seed=seed, encoder_policy=encoder_policy)
     if not is_checkpoint(name):
-        return SpeechLLM.build(name, encoder, seed=seed, encoder_policy=encoder_policy)
+        return model
     ckpt = Path(name) if (Path(name) / CONFIG_FILE).is_file() else Path(name) / "model"
     kind = json.loads((ckpt / CONFIG_FILE).read_text())["llm_weights"]
     if kind == "lora":
         raise TextkeepError(
-            f"'{name}' is a LoRA checkpoint; merge it first (merge_lora('{name}', DIR)) and train from DIR."
+            f"'{name}' is a LoRA checkpoint; merge it first (`textkeep merge {name} DIR`) and train from DIR."
         )
-    model = SpeechLLM.load(ckpt)
     if model.encoder is None:
         raise TextkeepError(
-            f"checkpoint '{name}' has no speech encoder; training needs one (build from an LLM with encoder=…)."
+            f"checkpoint '{name}' has no speech encoder; training needs one (build from an LLM with --encoder)."
         )
     if kind == "full" and strategy == "lora":
         model.config.llm = str((ckpt / "llm").resolve())  # the LoRA checkpoint's base is this LLM, not the original one
@@ -640,7 +588,8 @@ def _training_records(data: str, spoken: Path | None, split_file: Path | None, l
     manifest = Path(spoken) if spoken is not None else spoken_manifest(data)
     if spoken is not None and not manifest.is_file():
         raise TextkeepError(
-            f"spoken manifest '{manifest}' does not exist; make it with `textkeep speak {data} --out DIR` and pass DIR/manifest.jsonl."
+            f"spoken manifest '{manifest}' does not exist; make it with `textkeep speak {data} --out DIR` "
+            "and pass DIR/manifest.jsonl."
         )
     if manifest.is_file():
         with warnings.catch_warnings():
@@ -649,12 +598,14 @@ def _training_records(data: str, spoken: Path | None, split_file: Path | None, l
     with_audio = [r for r in records if r.audio is not None]
     if not with_audio:
         raise TextkeepError(
-            f"none of the {len(records)} training records of '{data}' has audio (manifest: '{manifest}'); synthesize the spoken "
-            f"instructions with `textkeep speak {data} --out DIR` and pass spoken=DIR/manifest.jsonl."
+            f"none of the {len(records)} training records of '{data}' has audio (manifest: '{manifest}'); "
+            "synthesize the spoken "
+            f"instructions with `textkeep speak {data} --out DIR` and pass --spoken DIR/manifest.jsonl."
         )
     if len(with_audio) < len(records):
         warnings.warn(
-            f"{len(records) - len(with_audio)} of {len(records)} records of '{data}' have no audio; training on the {len(with_audio)} that do.",
+            f"{len(records) - len(with_audio)} of {len(records)} records of '{data}' have no audio; "
+            f"training on the {len(with_audio)} that do.",
             stacklevel=3,
         )
     return with_audio[:limit] if limit else with_audio
@@ -665,7 +616,7 @@ def merge_lora(ckpt_dir: Path, out_dir: Path) -> Path:
     from textkeep.model.speech_llm import SpeechLLM
 
     model = SpeechLLM.load(ckpt_dir)
-    if not hasattr(model.llm, "peft_config"):
+    if not is_peft(model.llm):
         raise TextkeepError(
             f"'{ckpt_dir}' is not a LoRA checkpoint (its LLM weights are already full); use it as it is."
         )

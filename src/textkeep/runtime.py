@@ -1,0 +1,27 @@
+"""Where this process runs: the one owner of device placement outside accelerate's own training loops.
+
+Training and importance place their models through their `Accelerator`; every other command puts its model on
+`device()`: this process's GPU under `accelerate launch`/torchrun, the one GPU when there is one, else the CPU.
+"""
+
+from __future__ import annotations
+
+
+def process_state():
+    """This process's place in an `accelerate launch` (or torchrun) run. accelerate treats several processes on CPUs
+    as one distributed run only when asked for the CPU, so a machine without GPUs asks for it."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def device():
+    """The device this process's models and tensors go to (see the module docstring)."""
+    return process_state().device
+
+
+def on_device(model):
+    """The model, moved to `device()` (the same file runs unchanged on CPU and GPU)."""
+    return model.to(device())

@@ -1,0 +1,117 @@
+"""The one training config: `textkeep train --train.KEY`, the `train:` section of a study YAML, and `fit(cfg=…)`.
+
+Each field's docstring is its `--help` text. The defaults are LLaMA-Omni's Stage 1 (effective batch 32 =
+batch_size × grad_accum, 3 epochs, cosine schedule with 3% warm-up, peak lr 2e-5, AdamW without weight decay,
+gradients clipped at 1.0). Every check of a training setting lives in `__post_init__`, so a bad value is refused
+before anything is loaded or written, whichever door it came in by.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from textkeep.errors import TextkeepError
+
+STRATEGIES = ("full", "layer-lr", "lora")
+
+
+# The checks that library functions (strategies.py) share with TrainConfig: each written once, here.
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise TextkeepError(
+            f"bad training setting: strategy {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}."
+        )
+
+
+def check_lam(lam: float) -> None:
+    if not 0.0 <= lam <= 1.0:
+        raise TextkeepError(
+            f"bad training setting: lam must be in [0, 1] (λ of Eq. 3), got {lam}; the paper's default is 0.4 "
+            "(λ=0 is plain full fine-tuning, λ=1 freezes the most important layer)."
+        )
+
+
+def check_lora(rank: int, alpha: int | None, dropout: float) -> None:
+    if rank < 1:
+        raise TextkeepError(
+            f"bad training setting: lora_rank must be ≥ 1, got {rank}; the paper uses 8 (1B) and 16 (8B)."
+        )
+    if alpha is not None and alpha <= 0:
+        raise TextkeepError(
+            f"bad training setting: lora_alpha must be positive, got {alpha}; leave it unset for α = 2·rank."
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise TextkeepError(f"bad training setting: lora_dropout must be in [0, 1), got {dropout}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage-1 training settings (strategy, optimizer, schedule, batching)."""
+
+    strategy: str = "full"
+    """full (adaptor + whole LLM), layer-lr (Eq. 3 per-layer rates) or lora (LoRA on all attention and MLP
+    projections + adaptor)."""
+    importance: Path | None = None
+    """layer-lr: the pre-trained LLM's textual importance map directory (`textkeep importance compute`)."""
+    lam: float = 0.4
+    """layer-lr: λ of Eq. 3, in [0, 1]; the most important layer trains at (1 − λ)·lr. Embeddings, final norm, head
+    and adaptor keep lr."""
+    lora_rank: int = 8
+    """LoRA rank r (the paper: 8 for 1B, 16 for 8B)."""
+    lora_alpha: int | None = None
+    """LoRA α; unset = 2r, as the paper."""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA input (PEFT's usual 0.05; the paper does not say)."""
+    lr: float = 2e-5
+    """peak learning rate."""
+    epochs: float = 3
+    """passes over the data (may be fractional)."""
+    batch_size: int = 8
+    """examples per micro-batch (per process)."""
+    grad_accum: int = 4
+    """micro-batches per optimizer step."""
+    warmup_ratio: float = 0.03
+    """fraction of the steps with linearly rising lr."""
+    max_steps: int | None = None
+    """stop after this many optimizer steps (sets the schedule's length instead of epochs)."""
+    save_every: int = 50
+    """write a resume checkpoint every N optimizer steps (and at the end); the last 2 are kept."""
+    adaptor_warmup_steps: int = 0
+    """first train the adaptor alone for N steps (LLM frozen) at adaptor_lr; 0 = off."""
+    adaptor_lr: float = 1e-3
+    """the adaptor warm-up's constant learning rate."""
+    gradient_checkpointing: bool = False
+    """recompute LLM activations in the backward pass (less memory, ~30% slower)."""
+    seed: int = 0
+    """seeds the adaptor's initialisation, LoRA's, the data order and dropout."""
+
+    def __post_init__(self):
+        """Refuse bad values before anything is loaded or written."""
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise TextkeepError(f"bad training setting: {what}")
+
+        check_strategy(self.strategy)
+        check_lam(self.lam)
+        check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout)
+        for name in ("lr", "adaptor_lr", "epochs"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}.")
+        need(
+            self.batch_size >= 1 and self.grad_accum >= 1,
+            f"batch_size and grad_accum must be ≥ 1, got {self.batch_size} and {self.grad_accum}.",
+        )
+        need(
+            0.0 <= self.warmup_ratio < 1.0,
+            f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}; LLaMA-Omni uses 0.03.",
+        )
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1 or unset, got {self.max_steps}.")
+        need(self.save_every >= 1, f"save_every must be ≥ 1 step, got {self.save_every}.")
+        need(self.adaptor_warmup_steps >= 0, f"adaptor_warmup_steps must be ≥ 0, got {self.adaptor_warmup_steps}.")
+        if self.strategy == "layer-lr":
+            fix = "compute the pre-trained LLM's textual importance map with `textkeep importance compute` first"
+            need(self.importance is not None, f"strategy 'layer-lr' needs importance (--train.importance DIR); {fix}.")
+            need(Path(self.importance).is_dir(), f"importance map directory '{self.importance}' does not exist; {fix}.")
