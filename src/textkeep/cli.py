@@ -150,7 +150,9 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import auto_cli
+    from jsonargparse import auto_cli, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings are their --help
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging

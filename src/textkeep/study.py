@@ -556,7 +556,7 @@ def study(study_config: Path, out: Path | None = None, force: list[str] = [], on
 
 
 # `textkeep study --help` lists every key a study YAML may set, from the config dataclasses' own field docstrings.
-study.__doc__ += "\n    Study config keys (YAML; nested sections as mappings):\n" + "".join(
-    f"        {line}\n" for line in config_keys()
-)
+# They go into the `study_config` argument's own entry, the part of a docstring that --help prints in full.
+_KEYS = "".join(f"\n            {line}" for line in config_keys())
+study.__doc__ = study.__doc__.replace("its keys are listed below.", f"its keys:{_KEYS}\n           ")
 __all__ = ["LABELS", "STAGES", "Study", "StudyConfig", "load_config", "study"]
