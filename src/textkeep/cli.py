@@ -32,6 +32,7 @@ def _commands() -> dict:
     from textkeep.importance.shift import importance_shift
     from textkeep.model.registry import models
     from textkeep.study import study
+    from textkeep.train.align import align
     from textkeep.train.trainer import merge_lora, train
 
     return {
@@ -47,6 +48,7 @@ def _commands() -> dict:
             "deactivate": importance_deactivate,
             "change": importance_change,
         },
+        "align": align,
         "train": train,
         "merge": merge_lora,
         "eval": eval_qa,

@@ -25,3 +25,13 @@ def device():
 def on_device(model):
     """The model, moved to `device()` (the same file runs unchanged on CPU and GPU)."""
     return model.to(device())
+
+
+def autocast(precision: str, device):
+    """bf16 autocast for a TrainConfig.precision outside accelerate's own (generation, teacher passes): bf16 when
+    asked for, or for "auto" on a GPU; fp32 otherwise. The same rule as trainer.precision_of."""
+    import torch
+
+    device = torch.device(device)
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

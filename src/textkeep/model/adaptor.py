@@ -13,11 +13,12 @@ class SpeechAdaptor(nn.Module):
     which turns Whisper's 50 frames/s into 50/k embeddings/s: 10/s for the default k = 5.
     """
 
-    def __init__(self, d_encoder: int, d_llm: int, k: int = 5, hidden: int = 2048):
+    def __init__(self, d_encoder: int, d_llm: int, k: int = 5, hidden: int = 2048, output_scale: float | None = None):
         super().__init__()
         if k < 1 or hidden < 1:
             raise ValueError(f"adaptor k and hidden size must be positive, got k={k}, hidden={hidden}")
         self.k = k
+        self.output_scale = output_scale
         self.proj = nn.Sequential(nn.Linear(d_encoder * k, hidden), nn.ReLU(), nn.Linear(hidden, d_llm))
 
     @staticmethod
@@ -29,4 +30,9 @@ class SpeechAdaptor(nn.Module):
         *lead, n, d = frames.shape
         n_out = n // self.k
         stacked = frames[..., : n_out * self.k, :].reshape(*lead, n_out, d * self.k)
-        return self.proj(stacked)
+        out = self.proj(stacked)
+        if self.output_scale is None:
+            return out
+        # Every output at the RMS of the LLM's token embeddings: a fresh adaptor's outputs are ~2.5× that norm for
+        # SmolLM2, and an input that loud is one the LLM learns to ignore (Ultravox normalises its projector too).
+        return out * (self.output_scale / out.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt())

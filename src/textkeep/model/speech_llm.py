@@ -47,6 +47,8 @@ class SpeechLLMConfig:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     user_template: str = DEFAULT_USER_TEMPLATE
     adaptor_trained: bool = False
+    # Normalise each adaptor output to this RMS (set to the LLM's token-embedding RMS by `textkeep align`); None: off.
+    adaptor_output_scale: float | None = None
     extra: dict = field(default_factory=dict)  # training provenance (strategy, steps, …), kept with the checkpoint
 
     def __post_init__(self):
@@ -140,7 +142,9 @@ class SpeechLLM(nn.Module):
         enc, fe = load_encoder(encoder, dtype) if encoder else (None, None)
         d_enc = enc.config.d_model if enc is not None else 1
         torch.manual_seed(seed)
-        adaptor = SpeechAdaptor(d_enc, llm_model.config.hidden_size, config.adaptor_k, config.adaptor_hidden).to(dtype)
+        adaptor = SpeechAdaptor(
+            d_enc, llm_model.config.hidden_size, config.adaptor_k, config.adaptor_hidden, config.adaptor_output_scale
+        ).to(dtype)
         return cls(llm_model, tokenizer, enc, fe, adaptor, config)
 
     @property
@@ -427,7 +431,9 @@ class SpeechLLM(nn.Module):
                 llm = PeftModel.from_pretrained(llm, str(ckpt_dir / "llm_adapter"))
         enc, fe = load_encoder(config.encoder, dtype) if config.encoder else (None, None)
         d_enc = enc.config.d_model if enc is not None else 1
-        adaptor = SpeechAdaptor(d_enc, llm.config.hidden_size, config.adaptor_k, config.adaptor_hidden)
+        adaptor = SpeechAdaptor(
+            d_enc, llm.config.hidden_size, config.adaptor_k, config.adaptor_hidden, config.adaptor_output_scale
+        )
         state = load_file(str(ckpt_dir / ADAPTOR_FILE))
         try:
             adaptor.load_state_dict(state)

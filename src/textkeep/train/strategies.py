@@ -1,4 +1,4 @@
-"""The paper's three Stage-1 strategies as optimizer parameter groups (§3.1).
+"""The paper's three Stage-1 strategies as optimizer parameter groups (§3.1), and alignment's adaptor-only one.
 
 full      the adaptor and every LLM parameter at the base learning rate.
 layer-lr  as full, but decoder layer i at lr·(1 − λ·(I_i − min I)/(max I − min I)) (Eq. 3), with I_i the
@@ -6,6 +6,7 @@ layer-lr  as full, but decoder layer i at lr·(1 − λ·(I_i − min I)/(max I 
           are not in any decoder layer and keep the base rate.
 lora      PEFT LoRA (rank r, α = 2r) on q/k/v/o/gate/up/down_proj of every decoder layer; the adaptor is trained fully
           and everything else is frozen.
+adaptor   the adaptor alone; the LLM is frozen (no weight gradients), so text-to-text is unchanged by construction.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import torch
 
 from textkeep.errors import TextkeepError
 from textkeep.fileio import atomic_dir, write_json, write_text
-from textkeep.model.speech_llm import LossModule, is_peft
+from textkeep.model.speech_llm import is_peft
 from textkeep.train.config import TrainConfig
 from textkeep.train.strategies import apply_lora, layer_lr_scales, param_groups, read_layer_importance
 
@@ -161,9 +161,51 @@ def check_out(out: Path, cfg: TrainConfig, run_info: dict | None = None, resume:
         )
 
 
-def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None, resume: bool = False) -> Path:
+class ResponseObjective(torch.nn.Module):
+    """The paper's Stage-1 loss: cross-entropy of the reference responses, summed, normalised by the step's response
+    tokens (as if its micro-batches were one batch). An objective is what `fit` wraps (DDP, autocast): `prepare`
+    turns samples into its inputs, `count` gives their share of the step's denominator, forward the summed loss.
+    Alignment (`train/align.py`) brings its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def prepare(self, samples):
+        return self.model.tokenize(samples)
+
+    @staticmethod
+    def count(batch) -> int:
+        return batch.n_response_tokens
+
+    def forward(self, batch, step: int = 0):
+        return self.model.loss_sum(batch)[0]
+
+
+def precision_of(setting: str) -> str:
+    """accelerate's mixed_precision for a TrainConfig.precision (ACCELERATE_MIXED_PRECISION overrides it)."""
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return {"fp32": "no", "bf16": "bf16"}[setting]
+
+
+def fit(
+    model,
+    data,
+    out: Path,
+    cfg: TrainConfig,
+    run_info: dict | None = None,
+    resume: bool = False,
+    objective=None,
+    on_step=None,
+) -> Path:
     """Train `model` (a SpeechLLM) on `data` (SampleList / SpeechExamples) into the run directory `out`; with
-    `resume`, continue the run there from its last checkpoint (same settings required)."""
+    `resume`, continue the run there from its last checkpoint (same settings required).
+
+    `objective`: the loss (default `ResponseObjective`, the paper's). `on_step(step, model)`: called on the main
+    process after every optimizer step, before its checkpoint (alignment measures its learning curve there)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -173,7 +215,7 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None, 
     check_out(out, cfg, run_info, resume)
     if len(data) == 0:
         raise TextkeepError("no training examples; check the data set, split_file and limit.")
-    precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if torch.cuda.is_available() else "no")
+    precision = precision_of(cfg.precision)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
     main = accelerator.is_main_process
     stream = _Stream(data.lengths, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
@@ -191,6 +233,9 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None, 
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.strategy == "lora":
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    elif cfg.strategy == "adaptor":  # the LLM frozen: no weight gradients, its activations still carry them
+        model.llm.requires_grad_(False)
+        model.adaptor.requires_grad_(True)
     else:
         model.llm.requires_grad_(True)
         model.adaptor.requires_grad_(True)
@@ -203,7 +248,8 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None, 
         _load_weights(model, ckpt)  # before prepare: DDP copies rank 0's weights to the others there
     optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.lr, scales), lr=cfg.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    wrapper = accelerator.prepare(LossModule(model))
+    objective = objective if objective is not None else ResponseObjective(model)
+    wrapper = accelerator.prepare(objective)
     optimizer = accelerator.prepare(optimizer)
     step, micro = 0, 0
     if ckpt is not None:
@@ -250,7 +296,7 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None, 
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step's update uses
             batches = [stream[micro + j] for j in range(cfg.grad_accum)]
             loss, n_tokens, n_examples = _accumulate(
-                accelerator, wrapper, model, data, batches, cfg.grad_accum, step + 1, out
+                accelerator, wrapper, objective, data, batches, cfg.grad_accum, step + 1, out
             )
             grad_norm = float(accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM))
             if not math.isfinite(grad_norm):
@@ -270,10 +316,14 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None, 
                 "tokens_per_s": n_tokens / seconds,
                 "seconds": seconds,
             }
+            if hasattr(objective, "parts"):  # the objective's own terms, averaged over the step
+                row["parts"] = objective.parts()
             if main:
                 _log(out, writer, row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", ex_s=f"{row['examples_per_s']:.1f}")
                 bar.update(1)
+            if main and on_step is not None:
+                on_step(step, model)
             if step % cfg.save_every == 0 or step == total:
                 _save_checkpoint(accelerator, out, model, optimizer, scheduler, step, micro, stream)
     finally:
@@ -290,19 +340,21 @@ def fit(model, data, out: Path, cfg: TrainConfig, run_info: dict | None = None, 
         "train_dir": str(out),
     }
     if main:
-        model.save(out / "model", llm_weights="lora" if cfg.strategy == "lora" else "full")
+        weights = {"lora": "lora", "adaptor": "base"}.get(cfg.strategy, "full")  # a frozen LLM is not copied
+        model.save(out / "model", llm_weights=weights)
     accelerator.wait_for_everyone()
     return out
 
 
-def _accumulate(accelerator, wrapper, model, data, batches, grad_accum, step, out) -> tuple[float, int, int]:
-    """Forward/backward over one step's micro-batches; returns the mean loss per response token, tokens, examples."""
-    tokenized = [model.tokenize(data.samples(b)) for b in batches]
-    n_tokens = max(1, sum(t.n_response_tokens for t in tokenized))
+def _accumulate(accelerator, wrapper, objective, data, batches, grad_accum, step, out) -> tuple[float, int, int]:
+    """Forward/backward over one step's micro-batches; returns the mean loss per counted unit (response token for
+    the paper's loss), the units and the examples."""
+    prepared = [objective.prepare(data.samples(b)) for b in batches]
+    n_tokens = max(1, sum(objective.count(p) for p in prepared))
     loss_sum = 0.0
-    for idx, batch in zip(batches, tokenized):
+    for idx, batch in zip(batches, prepared):
         with accelerator.accumulate(wrapper):
-            loss = wrapper(batch)[0]
+            loss = wrapper(batch, step)
             if not torch.isfinite(loss):
                 raise _stop(f"loss is {loss.item()}", step, idx, data, out)
             # accelerate divides by grad_accum; the step's response-token count is the right denominator.
@@ -325,7 +377,8 @@ def adaptor_warmup(accelerator, wrapper, model, data, stream: _Stream, cfg: Trai
         range(cfg.adaptor_warmup_steps), desc="adaptor warm-up", unit="step", disable=not accelerator.is_main_process
     ):
         batches = [stream[step * cfg.grad_accum + j] for j in range(cfg.grad_accum)]
-        _accumulate(accelerator, wrapper, model, data, batches, cfg.grad_accum, step + 1, out)
+        objective = accelerator.unwrap_model(wrapper)
+        _accumulate(accelerator, wrapper, objective, data, batches, cfg.grad_accum, step + 1, out)
         accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         model.zero_grad(set_to_none=True)

@@ -1,0 +1,166 @@
+"""Alignment on tiny models: it overfits four utterances until the speech path says what the text path says, the
+LLM never moves, an interrupted run resumes bit-exactly, and bad input is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from textkeep.errors import TextkeepError
+from textkeep.model.speech_llm import Sample
+from textkeep.train.align import ALIGN_TRAIN, AlignConfig, AlignItem, AlignObjective, Phase, Teacher
+from textkeep.train.config import TrainConfig
+from textkeep.train.objectives import CtcVocab
+from textkeep.train.trainer import fit
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote Hamlet?",
+    "How many legs does a spider have?",
+    "What is the capital of the spider?",
+]
+ANSWERS = ["Paris.", "William Shakespeare wrote Hamlet.", "Eight legs.", "The spider has no capital."]
+
+
+@pytest.fixture
+def taught(tiny_model, tmp_path):
+    """The tiny model after its LLM has learnt, by text, to answer the four questions (a random LLM's greedy
+    answers are empty, which would make "speech answers as text does" trivial)."""
+    from textkeep.train.trainer import SampleList
+
+    texts = SampleList([Sample(text=q, response=a, id=f"t{i}") for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))])
+    cfg = TrainConfig(
+        strategy="full", lr=5e-3, batch_size=4, grad_accum=1, max_steps=80, warmup_ratio=0.0, save_every=1000
+    )
+    fit(tiny_model, texts, tmp_path / "taught", cfg)
+    tiny_model.eval()
+    assert tiny_model.generate([Sample(text=q) for q in QUESTIONS], max_new_tokens=12) == ANSWERS
+    return tiny_model
+
+
+class _Items:
+    """Four utterances held in memory (fit reads `lengths` and `samples`)."""
+
+    def __init__(self, model, n_frames=(40, 45, 50, 55)):
+        g = torch.Generator().manual_seed(0)
+        d = model.encoder.config.d_model
+        self.items = [
+            AlignItem(torch.randn(n, d, generator=g), q, None, f"u{i}")
+            for i, (n, q) in enumerate(zip(n_frames, QUESTIONS))
+        ]
+        self.lengths = [it.speech.shape[0] // 5 for it in self.items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def samples(self, idx):
+        return [self.items[i] for i in idx]
+
+
+def _align(model, out, cfg: AlignConfig, teacher_path=None, on_step=None, resume=False, **train):
+    kw = {"batch_size": 4, "max_steps": 150, "lr": 3e-3, "warmup_ratio": 0.0, "save_every": 1000, "precision": "fp32"}
+    tcfg = TrainConfig(**{**ALIGN_TRAIN.__dict__, **kw, **train})
+    teacher = Teacher(model, teacher_path, cfg.answer_tokens, "fp32")
+    data = _Items(model)
+    fit(model, data, out, tcfg, resume=resume, objective=AlignObjective(model, cfg, teacher), on_step=on_step)
+    return data, teacher
+
+
+def _speech_answers(model, data):
+    model.eval()
+    return model.generate([Sample(speech=it.speech) for it in data.items], max_new_tokens=12)
+
+
+def test_align_overfits_four_utterances_until_speech_answers_as_text_does(taught, tmp_path):
+    llm_before = {n: p.detach().clone() for n, p in taught.llm.named_parameters()}
+    cfg = AlignConfig(phases=[Phase({"self": 1.0, "kd": 1.0})], answer_tokens=12)
+    data, teacher = _align(taught, tmp_path / "run", cfg, teacher_path=tmp_path / "teacher.jsonl")
+    want = [teacher.answers[it.id] for it in data.items]
+    assert want == ANSWERS  # the text path's own answers
+    assert _speech_answers(taught, data) == want
+    # The LLM is bit-identical: only the adaptor trained, and the checkpoint does not copy the LLM.
+    assert all(torch.equal(p, llm_before[n]) for n, p in taught.llm.named_parameters())
+    saved = json.loads((tmp_path / "run" / "model" / "textkeep_config.json").read_text())
+    assert saved["llm_weights"] == "base" and saved["config"]["adaptor_trained"]
+    # The teacher's answers were generated once each and kept with the run.
+    cached = [json.loads(x)["id"] for x in (tmp_path / "teacher.jsonl").read_text().splitlines()]
+    assert sorted(cached) == ["u0", "u1", "u2", "u3"]
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_interrupted_alignment_resumes_bit_exactly(tiny_model, tiny_parts, tmp_path):
+    from tests.train.test_train import _fresh_tiny
+
+    cfg = AlignConfig(phases=[Phase({"asr": 1.0}, steps=2), Phase({"kd": 1.0, "hidden": 0.5})], answer_tokens=4)
+    kw = {"max_steps": 6, "save_every": 2, "batch_size": 2}
+    _align(tiny_model, tmp_path / "whole", cfg, tmp_path / "whole.jsonl", **kw)
+
+    def die(step, model):
+        if step == 5:
+            raise _Kill
+
+    killed = _fresh_tiny(tiny_parts)
+    with pytest.raises(_Kill):
+        _align(killed, tmp_path / "cut", cfg, tmp_path / "cut.jsonl", on_step=die, **kw)
+    resumed = _fresh_tiny(tiny_parts)  # a new process: nothing but the run folder carries over
+    _align(resumed, tmp_path / "cut", cfg, tmp_path / "cut.jsonl", resume=True, **kw)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "whole" / "model" / "adaptor.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "adaptor.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["loss"] for r in rows("whole")] == [r["loss"] for r in rows("cut")]
+    assert set(rows("whole")[0]["parts"]) == {"asr"} and set(rows("whole")[-1]["parts"]) == {"kd", "hidden"}
+
+
+def test_nan_loss_stops_the_run_and_names_the_utterance(tiny_model, tmp_path):
+    cfg = AlignConfig(phases=[Phase({"asr": 1.0})])
+    data = _Items(tiny_model)
+    data.items[2].speech[:] = float("nan")
+    objective = AlignObjective(tiny_model, cfg, Teacher(tiny_model, None, 4, "fp32"))
+    tcfg = TrainConfig(**{**ALIGN_TRAIN.__dict__, "batch_size": 1, "max_steps": 8, "precision": "fp32"})
+    with pytest.raises(TextkeepError, match=r"loss is nan .*u2"):
+        fit(tiny_model, data, tmp_path / "run", tcfg, objective=objective)
+
+
+def test_a_record_without_transcript_is_refused_by_name(tiny_model):
+    from textkeep.data.records import Record
+    from textkeep.train.align import AlignExamples
+
+    with pytest.raises(TextkeepError, match="record 'q7' has no transcript"):
+        AlignExamples(tiny_model, [Record(id="q6", instruction="Hi"), Record(id="q7", instruction="  ")])
+
+
+def test_ctc_skips_and_counts_utterances_shorter_than_their_transcript(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = [t for q in QUESTIONS for t in tok(q, add_special_tokens=False)["input_ids"]]
+    cfg = AlignConfig(phases=[Phase({"ctc": 1.0})])
+    objective = AlignObjective(tiny_model, cfg, None, CtcVocab(ids, tok.pad_token_id))
+    data = _Items(tiny_model, n_frames=(200, 10, 200, 200))  # u1: 2 adaptor outputs for a longer question
+    loss = objective(data.items, 1)
+    assert torch.isfinite(loss) and loss.requires_grad
+    assert objective.parts()["ctc_skipped"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "phases,match",
+    [
+        ([Phase({"magic": 1.0})], "magic"),
+        ([Phase({"asr": 1.0}), Phase({"kd": 1.0})], "phase 0 needs steps"),
+        ([], "at least one phase"),
+    ],
+)
+def test_bad_alignment_settings_are_refused(phases, match):
+    with pytest.raises(TextkeepError, match=match):
+        AlignConfig(phases=phases)
+
+
+def test_the_schedule_picks_each_steps_phase():
+    cfg = AlignConfig(phases=[Phase({"asr": 1.0}, steps=3), Phase({"kd": 1.0}, steps=2), Phase({"self": 1.0})])
+    assert [next(iter(cfg.mix_at(s))) for s in range(1, 9)] == ["asr"] * 3 + ["kd"] * 2 + ["self"] * 3
