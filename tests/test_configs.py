@@ -10,7 +10,8 @@ from textkeep.errors import TextkeepError
 from textkeep.study import StudyConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs" / "study").rglob("*.yaml"))
+ALIGN = sorted((ROOT / "configs" / "align").rglob("*.yaml"))
 
 
 def test_there_are_study_profiles():
@@ -27,6 +28,23 @@ def test_config_loads_and_names_its_command(path):
     assert first.startswith("# ") and rel in first and ("textkeep study" in first or "textkeep.cli study" in first), (
         first
     )
+
+
+def test_every_config_is_a_study_profile_or_an_align_recipe():
+    assert {p.parent.name for p in (ROOT / "configs").rglob("*.yaml")} == {"study", "align"}
+
+
+@pytest.mark.parametrize("path", ALIGN, ids=lambda p: p.name)
+def test_align_recipe_parses_and_names_its_command(path, capsys):
+    from textkeep import cli
+
+    first = path.read_text().splitlines()[0]
+    assert first == f"# textkeep align --config {path.relative_to(ROOT).as_posix()}", first
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["align", "--config", str(path), "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "strategy: adaptor" in printed and "phases:" in printed
 
 
 def test_paper_settings_in_the_paper_profiles():

@@ -164,3 +164,24 @@ def test_bad_alignment_settings_are_refused(phases, match):
 def test_the_schedule_picks_each_steps_phase():
     cfg = AlignConfig(phases=[Phase({"asr": 1.0}, steps=3), Phase({"kd": 1.0}, steps=2), Phase({"self": 1.0})])
     assert [next(iter(cfg.mix_at(s))) for s in range(1, 9)] == ["asr"] * 3 + ["kd"] * 2 + ["self"] * 3
+
+
+def test_chain_of_modality_answers_with_the_part_after_the_transcript(tiny_model, monkeypatch):
+    from textkeep.model.speech_llm import CHAIN_TRANSCRIPT_TOKENS, chain_response
+
+    tok = tiny_model.tokenizer
+    said = chain_response("What is the capital of France?", "The capital of France is Paris.")
+    budgets = []
+
+    def generate_ids(samples, budget, min_new_tokens=0):
+        budgets.append(budget)
+        return [tok(said, add_special_tokens=False)["input_ids"] for _ in samples]
+
+    monkeypatch.setattr(tiny_model, "generate_ids", generate_ids)
+    speech = Sample(speech=torch.zeros(30, tiny_model.encoder.config.d_model))
+    assert tiny_model.generate([speech, Sample(text="Hi")], max_new_tokens=4) == [said, said]  # chain off
+    tiny_model.config.speech_chain = True
+    got = tiny_model.generate([speech, Sample(text="Hi")], max_new_tokens=4)
+    first4 = tok.decode(tok("The capital of France is Paris.", add_special_tokens=False)["input_ids"][:4]).strip()
+    assert got == [first4, said]  # the answer part, cut to the budget; a typed prompt is left alone
+    assert budgets == [4, 4 + CHAIN_TRANSCRIPT_TOKENS]

@@ -31,6 +31,13 @@ ADAPTOR_FILE = "adaptor.safetensors"
 ENCODER_FRAMES_PER_SECOND = 50  # Whisper: 100 mel frames/s, halved by the second conv's stride
 WHISPER_WINDOW_FRAMES = 1500  # 30 s
 ENCODER_POLICIES = ("pad30", "trim")
+CHAIN_QUESTION, CHAIN_ANSWER = "Question: ", "\nAnswer: "  # the chain-of-modality response layout
+CHAIN_TRANSCRIPT_TOKENS = 48  # the transcript's share of a chain response's generation budget
+
+
+def chain_response(transcript: str, answer: str) -> str:
+    """What a chain-of-modality model says to a spoken prompt: the transcript, then the answer."""
+    return f"{CHAIN_QUESTION}{transcript}{CHAIN_ANSWER}{answer}"
 
 
 @dataclass
@@ -49,6 +56,9 @@ class SpeechLLMConfig:
     adaptor_trained: bool = False
     # Normalise each adaptor output to this RMS (set to the LLM's token-embedding RMS by `textkeep align`); None: off.
     adaptor_output_scale: float | None = None
+    # Chain of modality (SpeechGPT): a spoken prompt is answered "Question: <transcript>\nAnswer: <answer>", so the
+    # LLM answers from its own transcript; generate() returns the answer part. Set by `align`'s `chain` objective.
+    speech_chain: bool = False
     extra: dict = field(default_factory=dict)  # training provenance (strategy, steps, …), kept with the checkpoint
 
     def __post_init__(self):
@@ -347,10 +357,23 @@ class SpeechLLM(nn.Module):
         return answers
 
     def generate(self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0) -> list[str]:
-        return [
+        """Greedy answers as text. Under speech_chain a spoken prompt first gets its transcript, with a budget of
+        CHAIN_TRANSCRIPT_TOKENS more tokens; the answer after it is returned, cut to max_new_tokens tokens."""
+        chain = self.config.speech_chain and any(s.speech is not None for s in samples)
+        budget = max_new_tokens + (CHAIN_TRANSCRIPT_TOKENS if chain else 0)
+        texts = [
             self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for ids in self.generate_ids(samples, max_new_tokens, min_new_tokens)
+            for ids in self.generate_ids(samples, budget, min_new_tokens)
         ]
+        if not chain:
+            return texts
+        return [self.chain_answer(t, max_new_tokens) if s.speech is not None else t for s, t in zip(samples, texts)]
+
+    def chain_answer(self, text: str, max_new_tokens: int) -> str:
+        """The answer part of a chain-of-modality response (all of it if the transcript never closed)."""
+        answer = text.split(CHAIN_ANSWER, 1)[1] if CHAIN_ANSWER in text else text
+        ids = self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"][:max_new_tokens]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def shared_head(self, samples: Sequence[Sample]) -> list[int]:
         """The longest start of the template's head (the prompt before the user's words) that every sample's prompt

@@ -220,6 +220,11 @@ class AlignObjective(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if {"kd", "self", "hidden"} & set(mix):
             terms |= self._distill(items, mix)
+        if "chain" in mix:
+            from textkeep.model.speech_llm import chain_response
+
+            answers = self.teacher(items)
+            terms["chain"] = self._ce([(it.speech, chain_response(it.transcript, a)) for it, a in zip(items, answers)])
         if "asr" in mix:
             with _prompt(self.model, self.asr_prompt):
                 terms["asr"] = self._ce([(it.speech, it.transcript) for it in items])
@@ -299,8 +304,10 @@ class AlignObjective(nn.Module):
 # ---- the held-out curve ------------------------------------------------------------------------------------------
 
 
-def s2t_on(model, records, frames, max_new_tokens: int = 32, batch_size: int = 32, precision: str = "fp32") -> dict:
-    """Greedy S2T on held-out questions: has_answer accuracy, distinct answers, and the answers themselves."""
+def s2t_on(
+    model, records, frames, max_new_tokens: int = 32, batch_size: int = 32, precision: str = "fp32", text: bool = False
+) -> dict:
+    """Greedy S2T on held-out questions (T2T with text=True): has_answer accuracy, distinct answers, the answers."""
     from textkeep.eval.scoring import has_answer
     from textkeep.model.speech_llm import Sample
     from textkeep.runtime import autocast
@@ -310,8 +317,11 @@ def s2t_on(model, records, frames, max_new_tokens: int = 32, batch_size: int = 3
     answers = []
     with torch.no_grad(), autocast(precision, model.device):
         for start in range(0, len(records), batch_size):
-            part = frames[start : start + batch_size]
-            answers += model.generate([Sample(speech=f) for f in part], max_new_tokens)
+            if text:
+                part = [Sample(text=r.instruction) for r in records[start : start + batch_size]]
+            else:
+                part = [Sample(speech=f) for f in frames[start : start + batch_size]]
+            answers += model.generate(part, max_new_tokens)
     model.train(was)
     if model.encoder is not None:
         model.encoder.eval()
@@ -341,10 +351,19 @@ class Curve:
         rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
         return sum(r["seconds"] for r in rows) / 60
 
+    def t2t(self, model) -> float:
+        """T2T on the slice: the same frozen LLM reading the transcripts, the line S2T is measured against."""
+        path = self.out / "heldout_t2t.json"
+        if not path.is_file():
+            got = s2t_on(model, self.records, None, precision=self.precision, text=True)
+            write_json(path, {"t2t": got["s2t"], "n": got["n"], "distinct": got["distinct"]})
+        return json.loads(path.read_text())["t2t"]
+
     def measure(self, step: int, model) -> dict:
         started = time.perf_counter()
         got = s2t_on(model, self.records, self.frames, precision=self.precision)
         row = {"step": step, "examples": step * self.per_step, "train_minutes": round(self.minutes(), 3)}
+        row["t2t"] = self.t2t(model)
         row |= {k: got[k] for k in ("s2t", "distinct", "n")} | {"eval_seconds": round(time.perf_counter() - started, 1)}
         row["samples"] = [{"id": r.id, "answer": a} for r, a in list(zip(self.records, got["answers"]))[:5]]
         kept = [x for x in self._rows() if x["step"] < step]
@@ -434,6 +453,7 @@ def align(
                 "align": asdict(align)}  # fmt: skip
     check_out(Path(out), train, run_info, resume)
     speech_llm = load_speech_llm(model, encoder, seed=train.seed, encoder_policy=encoder_policy)
+    speech_llm.config.speech_chain = speech_llm.config.speech_chain or align.uses("chain")
     if align.normalise and speech_llm.config.adaptor_output_scale is None:
         speech_llm.config.adaptor_output_scale = speech_llm.adaptor.output_scale = embedding_rms(speech_llm.llm)
     records = [r for d, m in zip(data, spoken) for r in _training_records(d, m, None, None)]

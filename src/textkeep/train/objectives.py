@@ -5,6 +5,8 @@ asr     cross-entropy of the transcript under a transcription prompt: ASR pre-al
 kd      T²·KL(teacher ‖ student) at temperature T between the text path's (teacher, the same frozen LLM reading the
         transcript) and the speech path's next-token distributions over the teacher's own greedy answer (Ultravox).
 self    cross-entropy of the text path's own greedy answer from the speech path (BLSP's behaviour alignment).
+chain   cross-entropy of "Question: <transcript>\nAnswer: <the text path's answer>" from the speech path: SpeechGPT's
+        chain of modality, so the frozen LLM answers from its own transcript (the checkpoint's speech_chain is set).
 hidden  the speech path's hidden states at the answer positions pulled to the text path's, every layer, each
         normalised by the teacher's mean square (DiVA distils the text path's response too; matching states is
         its dense cousin).
@@ -20,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("ce", "asr", "kd", "self", "hidden", "ctc")
+OBJECTIVES = ("ce", "asr", "kd", "self", "chain", "hidden", "ctc")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:

@@ -216,7 +216,11 @@ def fit(
     if len(data) == 0:
         raise TextkeepError("no training examples; check the data set, split_file and limit.")
     precision = precision_of(cfg.precision)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
+    # On a GPU accelerate's mixed precision; on the CPU torch's bf16 autocast around the forward, since accelerate
+    # fixes its precision once per process (a later run with another setting would be refused).
+    on_gpu = torch.cuda.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision if on_gpu else "no")
+    cpu_bf16 = precision == "bf16" and not on_gpu
     main = accelerator.is_main_process
     stream = _Stream(data.lengths, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
     total = cfg.max_steps or math.ceil(cfg.epochs * stream.per_epoch / cfg.grad_accum)
@@ -296,7 +300,7 @@ def fit(
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step's update uses
             batches = [stream[micro + j] for j in range(cfg.grad_accum)]
             loss, n_tokens, n_examples = _accumulate(
-                accelerator, wrapper, objective, data, batches, cfg.grad_accum, step + 1, out
+                accelerator, wrapper, objective, data, batches, cfg.grad_accum, step + 1, out, cpu_bf16
             )
             grad_norm = float(accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM))
             if not math.isfinite(grad_norm):
@@ -346,7 +350,9 @@ def fit(
     return out
 
 
-def _accumulate(accelerator, wrapper, objective, data, batches, grad_accum, step, out) -> tuple[float, int, int]:
+def _accumulate(
+    accelerator, wrapper, objective, data, batches, grad_accum, step, out, cpu_bf16: bool = False
+) -> tuple[float, int, int]:
     """Forward/backward over one step's micro-batches; returns the mean loss per counted unit (response token for
     the paper's loss), the units and the examples."""
     prepared = [objective.prepare(data.samples(b)) for b in batches]
@@ -354,7 +360,8 @@ def _accumulate(accelerator, wrapper, objective, data, batches, grad_accum, step
     loss_sum = 0.0
     for idx, batch in zip(batches, prepared):
         with accelerator.accumulate(wrapper):
-            loss = wrapper(batch, step)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+                loss = wrapper(batch, step)
             if not torch.isfinite(loss):
                 raise _stop(f"loss is {loss.item()}", step, idx, data, out)
             # accelerate divides by grad_accum; the step's response-token count is the right denominator.

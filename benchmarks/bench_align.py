@@ -1,0 +1,151 @@
+"""Alignment recipes side by side: S2T against examples seen and training minutes, with T2T as the reference line.
+
+    python benchmarks/bench_align.py configs/align/asr.yaml configs/align/asr-kd.yaml [--steps 300] [--out DIR]
+        [--test-limit 300]
+
+Each recipe is an `align` config, run (or resumed) into DIR/<name> with the same step budget. Its held-out curve
+(curve.jsonl: S2T on a slice of its own training questions, never trained on) is what recipes are chosen by. At
+the end each final model is evaluated once on the reporting sets: all 300 LLaMA Questions (real WAVs) and the first
+`--test-limit` spoken Web Questions test questions (`textkeep speak web-questions`), S2T, beside the frozen LLM's
+T2T on the same questions (unchanged by alignment: the LLM is frozen).
+
+Writes DIR/align_curves.png and DIR/align_table.md. Every number is measured in this one run (or read back from
+the resumed runs' own files, which hold their measured times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _textkeep() -> list[str]:
+    return [sys.executable, "-m", "textkeep.cli"]
+
+
+def _accuracy(eval_dir: Path) -> dict:
+    metrics = json.loads((eval_dir / "metrics.json").read_text())["results"]
+    return {f"{s}/{m}": r["has_answer"]["accuracy"] for s, by in metrics.items() for m, r in by.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="+", type=Path, help="align configs (configs/align/*.yaml)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="the step budget of every recipe (default: each config's)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-align"))
+    parser.add_argument("--test-limit", type=int, default=300, help="spoken Web Questions test questions")
+    parser.add_argument("--skip-test", action="store_true", help="held-out curves only (no reporting sets)")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    runs = {}
+    for recipe in args.recipes:
+        out = args.out / recipe.stem
+        cmd = [*_textkeep(), "align", "--config", str(recipe), "--out", str(out)]
+        cmd += ["--train.max_steps", str(args.steps)] if args.steps else []
+        cmd += ["--resume", "true"] if (out / "train_config.json").is_file() else []
+        if not (out / "model" / "textkeep_config.json").is_file():
+            _run(cmd)
+        runs[recipe.stem] = out
+
+    sets = "[llama-questions, web-questions]"
+    test = {}
+    if not args.skip_test:
+        first = next(iter(runs.values()))
+        base = json.loads((first / "train_config.json").read_text())["args"]["model"]
+        limit = ["--limit", str(args.test_limit)]
+        _run(
+            [
+                *_textkeep(),
+                "eval",
+                "--model",
+                base,
+                "--sets",
+                sets,
+                "--modes",
+                "[t2t]",
+                *limit,
+                "--out",
+                str(args.out / "t2t"),
+            ]
+        )
+        test["T2T (frozen LLM)"] = _accuracy(args.out / "t2t")
+        for name, out in runs.items():
+            _run([*_textkeep(), "eval", "--model", str(out), "--sets", sets, "--modes", "[s2t]", *limit,
+                  "--out", str(out / "test-eval")])  # fmt: skip
+            test[name] = _accuracy(out / "test-eval")
+
+    curves = {n: [json.loads(x) for x in (o / "curve.jsonl").read_text().splitlines()] for n, o in runs.items()}
+    _figure(curves, args.out / "align_curves.png")
+    _table(curves, test, args.out / "align_table.md")
+    print((args.out / "align_table.md").read_text())
+
+
+def _figure(curves: dict[str, list[dict]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_ex, ax_min = fig.subplots(1, 2, sharey=True)
+    for name, rows in curves.items():
+        s2t = [100 * r["s2t"] for r in rows]
+        line = ax_ex.plot([r["examples"] for r in rows], s2t, marker="o", markersize=3, label=name)[0]
+        ax_min.plot([r["train_minutes"] for r in rows], s2t, marker="o", markersize=3, color=line.get_color())
+        t2t = next((r["t2t"] for r in rows if "t2t" in r), None)
+        if t2t is not None:
+            for ax in (ax_ex, ax_min):
+                ax.axhline(100 * t2t, color="grey", linestyle="--", linewidth=1)
+    ax_ex.set_xlabel("examples seen")
+    ax_min.set_xlabel("training minutes (2 CPU cores)")
+    ax_ex.set_ylabel("held-out S2T, has_answer (%)")
+    for ax in (ax_ex, ax_min):
+        ax.grid(alpha=0.3)
+    ax_ex.legend(fontsize="small")
+    fig.suptitle("Alignment curves on a held-out slice of the training questions (dashed: the frozen LLM's T2T)")
+    fig.savefig(path, dpi=150)
+
+
+def _table(curves: dict[str, list[dict]], test: dict[str, dict], path: Path) -> None:
+    cols = ["llama-questions/s2t", "web-questions/s2t"]
+    t2t = test.get("T2T (frozen LLM)", {})
+    head = (
+        "| recipe | examples | train min | held-out S2T | held-out T2T | distinct | LQ S2T | WQ S2T | LQ ratio "
+        "| WQ ratio |"
+    )
+    lines = [head, "|---" * 10 + "|"]
+    for name, rows in curves.items():
+        last = rows[-1]
+        acc = test.get(name, {})
+        cells = [100 * acc[c] if c in acc else None for c in cols]
+        ratios = [
+            acc[c] / t2t[c.replace("s2t", "t2t")] if c in acc and t2t.get(c.replace("s2t", "t2t")) else None
+            for c in cols
+        ]
+        fmt = lambda x, p="{:.1f}": "–" if x is None else p.format(x)  # noqa: E731
+        lines.append(
+            f"| {name} | {last['examples']} | {last['train_minutes']:.1f} | {100 * last['s2t']:.1f} | "
+            f"{fmt(100 * last['t2t'] if 't2t' in last else None)} | {last['distinct']} | {fmt(cells[0])} | "
+            f"{fmt(cells[1])} | {fmt(ratios[0], '{:.2f}')} | {fmt(ratios[1], '{:.2f}')} |"
+        )
+    if t2t:
+        lines.append(
+            f"\nT2T of the frozen LLM on the same questions: LLaMA Questions "
+            f"{100 * t2t.get('llama-questions/t2t', 0):.1f}%, Web Questions "
+            f"{100 * t2t.get('web-questions/t2t', 0):.1f}%."
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
