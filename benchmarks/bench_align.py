@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-align"))
     parser.add_argument("--test-limit", type=int, default=300, help="spoken Web Questions test questions")
     parser.add_argument("--skip-test", action="store_true", help="held-out curves only (no reporting sets)")
+    parser.add_argument("--no-train", action="store_true", help="draw the runs as they stand; train nothing")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def main() -> None:
         cmd = [*_textkeep(), "align", "--config", str(recipe), "--out", str(out)]
         cmd += ["--train.max_steps", str(args.steps)] if args.steps else []
         cmd += ["--resume", "true"] if (out / "train_config.json").is_file() else []
-        if not (out / "model" / "textkeep_config.json").is_file():
+        if not args.no_train and not (out / "model" / "textkeep_config.json").is_file():
             _run(cmd)
         runs[recipe.stem] = out
 
