@@ -27,11 +27,23 @@ def on_device(model):
     return model.to(device())
 
 
+def precision_of(setting: str) -> str:
+    """accelerate's mixed_precision ("no" or "bf16") for a TrainConfig.precision: fp32, bf16, or auto (bf16 on a GPU,
+    fp32 on a CPU). ACCELERATE_MIXED_PRECISION overrides it. The one rule, for `fit` and for `autocast`."""
+    import os
+
+    import torch
+
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return {"fp32": "no", "bf16": "bf16"}[setting]
+
+
 def autocast(precision: str, device):
-    """bf16 autocast for a TrainConfig.precision outside accelerate's own (generation, teacher passes): bf16 when
-    asked for, or for "auto" on a GPU; fp32 otherwise. The same rule as trainer.precision_of."""
+    """bf16 autocast for a TrainConfig.precision outside `fit`'s own (generation, teacher passes)."""
     import torch
 
     device = torch.device(device)
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision_of(precision) == "bf16")

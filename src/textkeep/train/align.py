@@ -71,8 +71,9 @@ class AlignConfig:
     def __post_init__(self):
         if not self.phases:
             raise TextkeepError("bad alignment setting: phases needs at least one phase, e.g. [{mix: {asr: 1.0}}]")
+        # Phases given as mappings (YAML, plain Python) become Phase objects here, once.
+        object.__setattr__(self, "phases", [Phase(**p) if isinstance(p, dict) else p for p in self.phases])
         for i, p in enumerate(self.phases):
-            p = Phase(**p) if isinstance(p, dict) else p
             unknown = sorted(set(p.mix) - set(OBJECTIVES))
             if unknown or not p.mix or any(w < 0 for w in p.mix.values()):
                 raise TextkeepError(
@@ -88,18 +89,13 @@ class AlignConfig:
         """The mix of the phase that optimizer step `step` (1-based) belongs to."""
         end = 0
         for p in self.phases:
-            p = Phase(**p) if isinstance(p, dict) else p
             end += p.steps or 0
             if p.steps is None or step <= end:
                 return p.mix
-        return (Phase(**self.phases[-1]) if isinstance(self.phases[-1], dict) else self.phases[-1]).mix
+        return self.phases[-1].mix
 
     def uses(self, *names: str) -> bool:
-        return any(self._mix(p).get(n, 0) > 0 for p in self.phases for n in names)
-
-    @staticmethod
-    def _mix(p) -> dict:
-        return p["mix"] if isinstance(p, dict) else p.mix
+        return any(p.mix.get(n, 0) > 0 for p in self.phases for n in names)
 
 
 # ---- data --------------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -39,6 +38,7 @@ import torch
 from textkeep.errors import TextkeepError
 from textkeep.fileio import atomic_dir, write_json, write_text
 from textkeep.model.speech_llm import is_peft
+from textkeep.runtime import precision_of
 from textkeep.train.config import TrainConfig
 from textkeep.train.strategies import apply_lora, layer_lr_scales, param_groups, read_layer_importance
 
@@ -182,15 +182,6 @@ class ResponseObjective(torch.nn.Module):
         return self.model.loss_sum(batch)[0]
 
 
-def precision_of(setting: str) -> str:
-    """accelerate's mixed_precision for a TrainConfig.precision (ACCELERATE_MIXED_PRECISION overrides it)."""
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return os.environ["ACCELERATE_MIXED_PRECISION"]
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return {"fp32": "no", "bf16": "bf16"}[setting]
-
-
 def fit(
     model,
     data,
@@ -215,7 +206,7 @@ def fit(
     check_out(out, cfg, run_info, resume)
     if len(data) == 0:
         raise TextkeepError("no training examples; check the data set, split_file and limit.")
-    precision = precision_of(cfg.precision)
+    precision = precision_of(cfg.precision)  # accelerate's name for it: "no" or "bf16"
     # On a GPU accelerate's mixed precision; on the CPU torch's bf16 autocast around the forward, since accelerate
     # fixes its precision once per process (a later run with another setting would be refused).
     on_gpu = torch.cuda.is_available()
