@@ -209,3 +209,16 @@ def test_every_real_gold_answer_scores_itself(data_dir):
     for a in answers:
         assert has_answer(NFD(a).upper(), [a]), a
         assert contains(NFD(a).upper(), [a]), a
+
+
+def test_word_error_rate_counts_edits_over_reference_words_without_case_or_punctuation():
+    from textkeep.eval.scoring import word_error_rate
+
+    # "what is the capital of france" → "what is the": 3 deletions of 6; "who wrote hamlet" → "who wrote omelet":
+    # 1 substitution of 3; "a b" → "a x b": 1 insertion of 2. Corpus WER = (3 + 1 + 1) / (6 + 3 + 2).
+    refs = ["What is the capital of France?", "Who wrote Hamlet?", "a b"]
+    hyps = ["what is the?", "who wrote omelet", "A x, b."]
+    assert word_error_rate(refs, hyps) == pytest.approx(5 / 11)
+    assert word_error_rate(refs, refs) == 0.0
+    with pytest.raises(TextkeepError, match="non-empty reference"):
+        word_error_rate(["?"], ["what"])

@@ -247,3 +247,54 @@ def test_checkpoint_missing_file_is_named(tiny_model, tmp_path, missing):
     (tmp_path / "ckpt" / missing).unlink()
     with pytest.raises(TextkeepError, match=missing.replace(".", r"\.")):
         SpeechLLM.load(tmp_path / "ckpt")
+
+
+def _compressing(m: SpeechLLM) -> SpeechLLM:
+    """The tiny model with a three-token CTC head (blank = pad) and CTC compression on."""
+    m.adaptor.set_ctc_vocab(torch.tensor([m.tokenizer.pad_token_id, 5, 6]))
+    m.config.speech_compress = True
+    return m
+
+
+def test_ctc_compression_feeds_one_embedding_per_heard_segment(tiny_model):
+    from textkeep.model.adaptor import pool_segments
+
+    m = _compressing(tiny_model)
+    d = m.encoder.config.d_model
+    frames = _frames(151, d, 3)
+    with torch.no_grad():
+        out = m.adaptor(frames[None])[0]
+        table = m.llm.get_input_embeddings().weight
+        best = (out @ table[m.adaptor.ctc_ids].T).argmax(-1).tolist()
+    # By hand: a new segment wherever a non-blank best token differs from the frame before it.
+    seg, n = [], -1
+    for i, b in enumerate(best):
+        n += b != 0 and (i == 0 or b != best[i - 1])
+        seg.append(n if b != 0 else -1)
+    assert -1 in seg and 0 < n + 1 < len(best)  # some frames dropped, some merged: the test can tell
+    batch = m.tokenize([Sample(speech=frames, response="Eight legs.")])
+    assert int(batch.speech_mask.sum()) == n + 1
+    with torch.no_grad():
+        spliced = m.embed(batch)[batch.speech_mask]
+    torch.testing.assert_close(spliced, pool_segments(out, torch.tensor(seg)))
+    # Batched (mixed with text and another utterance) equals one by one, and a saved checkpoint compresses the same.
+    samples = _mixed_samples(d)
+    batch = m.tokenize(samples)
+    with torch.no_grad():
+        logits = m.logits(batch)
+        for i, s in enumerate(samples):
+            torch.testing.assert_close(logits[i][batch.attention_mask[i].bool()], m.logits(m.tokenize([s]))[0])
+
+
+def test_compressing_checkpoint_round_trip_and_refusal_without_ctc_head(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
+    m = _compressing(tiny_model)
+    m.save(tmp_path / "ckpt", llm_weights="full")
+    loaded = SpeechLLM.load(tmp_path / "ckpt")
+    assert loaded.config.speech_compress and loaded.adaptor.ctc_ids.tolist() == m.adaptor.ctc_ids.tolist()
+    batch = m.tokenize(_mixed_samples(32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(batch), m.logits(batch), atol=1e-6, rtol=0)
+    plain = SpeechAdaptor(32, m.llm.config.hidden_size, 5, 64)
+    with pytest.raises(TextkeepError, match="CTC head"):
+        SpeechLLM(m.llm, m.tokenizer, m.encoder, m.feature_extractor, plain, m.config)

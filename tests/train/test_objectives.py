@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from textkeep.train.objectives import CtcVocab, ctc_logits, ctc_loss, hidden_loss, kd_loss
+from textkeep.train.objectives import CtcVocab, ctc_greedy, ctc_logits, ctc_loss, hidden_loss, kd_loss
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
@@ -61,3 +61,26 @@ def test_hidden_loss_is_zero_on_equal_states_and_scale_free_per_layer():
     s = [x + 0.1 * x.abs().mean() * torch.randn(7, 5, generator=g) for x in t]
     per_layer = [float((a - b).pow(2).mean() / b.pow(2).mean()) for a, b in zip(s, t)]
     assert float(hidden_loss(s, t)) == pytest.approx(sum(per_layer) / 2, rel=1e-5)
+
+
+def test_ctc_greedy_decodes_the_collapsed_best_path_into_llm_token_ids():
+    vocab = CtcVocab([5, 2, 7], blank_id=0)  # restricted index: 0 blank, 1 → 2, 2 → 5, 3 → 7
+    best = [1, 1, 0, 1, 3, 3, 0, 0, 2]
+    logits = F.one_hot(torch.tensor(best), len(vocab)).float() * 3 + 0.1 * torch.randn(len(best), len(vocab))
+    assert ctc_greedy(logits, vocab) == [int(vocab.ids[i]) for i in _collapse(best)] == [2, 2, 7, 5]
+    assert ctc_greedy(torch.zeros(3, 4).index_fill(1, torch.tensor([0]), 1.0), vocab) == []  # all blank
+
+
+def test_ctc_segments_pool_one_embedding_per_heard_token():
+    from textkeep.model.adaptor import SpeechAdaptor, pool_segments
+
+    table = torch.eye(6) * 4  # token i's embedding points along axis i, so an output's best token is its argmax
+    adaptor = SpeechAdaptor(1, 6, k=1, hidden=1)
+    adaptor.set_ctc_vocab(torch.tensor([0, 3, 4]))  # blank = token 0
+    best = [3, 3, 0, 3, 4, 4, 0]  # heard: 3 | 3 4 — the blank splits the repeat, as CTC's collapse does
+    out = F.one_hot(torch.tensor(best), 6).float() + 0.01 * torch.randn(len(best), 6)
+    seg = adaptor.ctc_segments(out, table)
+    assert seg.tolist() == [0, 0, -1, 1, 2, 2, -1]
+    pooled = pool_segments(out, seg)
+    want = torch.stack([out[[0, 1]].mean(0), out[3], out[[4, 5]].mean(0)])
+    torch.testing.assert_close(pooled, want)

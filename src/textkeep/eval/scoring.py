@@ -54,6 +54,19 @@ def has_answer(response: str, answers: Sequence[str]) -> bool:
     return False
 
 
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus WER (jiwer) over the words `has_answer` sees, punctuation dropped: how well a transcript was heard."""
+    import jiwer
+
+    def words(text: str) -> str:
+        return " ".join(t for t in _tokens(text) if unicodedata.category(t[0])[0] in "LN")
+
+    refs = [words(r) for r in references]
+    if not refs or not all(refs):
+        raise TextkeepError("word_error_rate needs a non-empty reference for every hypothesis.")
+    return float(jiwer.wer(refs, [words(h) for h in hypotheses]))
+
+
 # ---------------------------------------------------------------------------------------------
 # contains
 

@@ -36,3 +36,32 @@ class SpeechAdaptor(nn.Module):
         # Every output at the RMS of the LLM's token embeddings: a fresh adaptor's outputs are ~2.5× that norm for
         # SmolLM2, and an input that loud is one the LLM learns to ignore (Ultravox normalises its projector too).
         return out * (self.output_scale / out.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt())
+
+    # ---- the CTC head (`textkeep align`'s ctc objective) ------------------------------------------------------
+    # The head has no weights of its own: an output scores each token by its dot product with the token's embedding
+    # row, over a restricted vocabulary `ctc_ids` (index 0 the blank) kept as a buffer so the checkpoint carries it.
+
+    def set_ctc_vocab(self, ids: torch.Tensor) -> None:
+        self.register_buffer("ctc_ids", ids.to(torch.long).cpu().clone())
+
+    @property
+    def has_ctc(self) -> bool:
+        return getattr(self, "ctc_ids", None) is not None
+
+    def ctc_segments(self, out: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(n, d) outputs → (n,) segment of each output: consecutive outputs whose best CTC token is the same non-blank
+        token share a segment (0, 1, …), blanks get -1. CTC compression (Gaido et al., 2021; Soundwave's shrinking
+        adapter) feeds the LLM one embedding per segment, about one per token heard, instead of 10 per second."""
+        best = (out.float() @ table[self.ctc_ids.to(table.device)].float().T).argmax(-1)
+        kept = best != 0
+        starts = kept & torch.cat([best.new_ones(1, dtype=torch.bool), best[1:] != best[:-1]])
+        return torch.where(kept, starts.long().cumsum(0) - 1, -1)
+
+
+def pool_segments(out: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """The mean output of each segment (segments from `ctc_segments`; -1 rows dropped): (n_segments, d)."""
+    kept = segments >= 0
+    n = int(segments.max()) + 1 if bool(kept.any()) else 0
+    total = out.new_zeros(n, out.shape[-1]).index_add(0, segments[kept], out[kept])
+    count = torch.bincount(segments[kept], minlength=n).clamp_min(1).to(out.dtype)
+    return total / count[:, None]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from textkeep.errors import TextkeepError
-from textkeep.model.adaptor import SpeechAdaptor
+from textkeep.model.adaptor import SpeechAdaptor, pool_segments
 from textkeep.model.audio import SAMPLE_RATE
 from textkeep.model.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, IGNORE_INDEX, PromptFormatter
 
@@ -59,6 +59,9 @@ class SpeechLLMConfig:
     # Chain of modality (SpeechGPT): a spoken prompt is answered "Question: <transcript>\nAnswer: <answer>", so the
     # LLM answers from its own transcript; generate() returns the answer part. Set by `align`'s `chain` objective.
     speech_chain: bool = False
+    # CTC compression: the speech slots get one embedding per segment the adaptor's CTC head hears (about one per
+    # token) instead of one per k frames. Needs an adaptor with a CTC vocabulary (`align` with the ctc objective).
+    speech_compress: bool = False
     extra: dict = field(default_factory=dict)  # training provenance (strategy, steps, …), kept with the checkpoint
 
     def __post_init__(self):
@@ -95,6 +98,7 @@ class TokenBatch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), IGNORE_INDEX except response tokens
     speech: list[torch.Tensor]  # encoder frames of the speech samples, in batch order
+    segments: list[torch.Tensor] | None = None  # speech_compress: each adaptor output's CTC segment (-1: dropped)
 
     def to(self, device) -> "TokenBatch":
         return TokenBatch(
@@ -103,6 +107,7 @@ class TokenBatch:
             self.attention_mask.to(device),
             self.labels.to(device),
             [s.to(device) for s in self.speech],
+            None if self.segments is None else [g.to(device) for g in self.segments],
         )
 
     @property
@@ -135,6 +140,11 @@ class SpeechLLM(nn.Module):
         if encoder is not None:
             encoder.requires_grad_(False)
             encoder.eval()
+        if config.speech_compress and not adaptor.has_ctc:
+            raise TextkeepError(
+                "speech_compress needs an adaptor with a CTC head; align it with the ctc objective first "
+                "(textkeep align --config configs/align/ctc.yaml)."
+            )
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -207,10 +217,13 @@ class SpeechLLM(nn.Module):
         """Token ids, labels and speech slots for a batch; `right` padding for training, `left` for generation.
         `skip` leaves out the first tokens of every row (a prompt head that `shared_head` found common to all)."""
         k = self.config.adaptor_k
-        rows = []
+        rows, segments = [], []
         for s in samples:
             enc = self.prompt.encode(s.text if s.speech is None else None, s.response)
             n_slots = s.speech.shape[0] // k if s.speech is not None else 0
+            if s.speech is not None and n_slots and self.config.speech_compress:
+                segments.append(self.speech_segments(s.speech))
+                n_slots = int(segments[-1].max()) + 1
             if s.speech is not None and n_slots == 0:
                 raise TextkeepError(
                     f"speech of sample '{s.id}' is shorter than {k} encoder frames ({k * 20} ms); "
@@ -233,7 +246,17 @@ class SpeechLLM(nn.Module):
             attention_mask[i, sl] = 1
             labels[i, sl] = torch.tensor(lab)
         speech = [s.speech for s in samples if s.speech is not None]
-        return TokenBatch(input_ids, speech_mask, attention_mask, labels, speech)
+        return TokenBatch(
+            input_ids, speech_mask, attention_mask, labels, speech, segments if self.config.speech_compress else None
+        )
+
+    @torch.no_grad()
+    def speech_segments(self, frames: torch.Tensor) -> torch.Tensor:
+        """The CTC segment of each adaptor output of one utterance (speech_compress); an utterance in which the head
+        hears nothing becomes one segment, so the LLM still gets an input."""
+        out = self.adaptor(frames.to(self.device, self.dtype)[None])[0]
+        seg = self.adaptor.ctc_segments(out, self.llm.get_input_embeddings().weight)
+        return seg if bool((seg >= 0).any()) else torch.zeros_like(seg)
 
     def embed(self, batch: TokenBatch) -> torch.Tensor:
         """Token embeddings with the adaptor's outputs written into the speech slots (gradients flow to the adaptor)."""
@@ -248,7 +271,10 @@ class SpeechLLM(nn.Module):
         # One adaptor call for the whole batch: it maps each group of k frames on its own, so padding
         # frames only produce rows that are dropped here.
         projected = self.adaptor(frames)
-        speech_embeds = torch.cat([projected[i, : s.shape[0] // k] for i, s in enumerate(batch.speech)])
+        rows = [projected[i, : s.shape[0] // k] for i, s in enumerate(batch.speech)]
+        if batch.segments is not None:
+            rows = [pool_segments(r, g) for r, g in zip(rows, batch.segments)]
+        speech_embeds = torch.cat(rows)
         return embeds.masked_scatter(batch.speech_mask.unsqueeze(-1), speech_embeds.to(embeds.dtype))
 
     @staticmethod
@@ -458,6 +484,8 @@ class SpeechLLM(nn.Module):
             d_enc, llm.config.hidden_size, config.adaptor_k, config.adaptor_hidden, config.adaptor_output_scale
         )
         state = load_file(str(ckpt_dir / ADAPTOR_FILE))
+        if "ctc_ids" in state:
+            adaptor.set_ctc_vocab(state["ctc_ids"])
         try:
             adaptor.load_state_dict(state)
         except RuntimeError as e:

@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from textkeep.errors import TextkeepError
+from textkeep.eval.scoring import word_error_rate
 from textkeep.fileio import write_json, write_text
 from textkeep.train.config import TrainConfig
-from textkeep.train.objectives import OBJECTIVES, CtcVocab, ctc_logits, ctc_loss, hidden_loss, kd_loss
+from textkeep.train.objectives import OBJECTIVES, CtcVocab, ctc_greedy, ctc_logits, ctc_loss, hidden_loss, kd_loss
 
 ASR_SYSTEM_PROMPT = "You are a speech recognizer. Repeat exactly what the user said, word for word."
 # The training defaults for the adaptor alone (Ultravox trains its projector at 1e-3 to 2e-3), in bf16.
@@ -67,6 +68,10 @@ class AlignConfig:
     """asr: the user turn of the transcription task (<speech> marks the audio)."""
     normalise: bool = True
     """scale every adaptor output to the RMS of the LLM's token embeddings (saved with the checkpoint)."""
+    compress: bool = False
+    """CTC compression: the LLM gets one embedding per token the adaptor's CTC head hears (Soundwave's shrinking,
+    Gaido et al. 2021), in training and in every later use of the checkpoint. Needs the ctc objective in this run
+    or in the run `model` continues."""
 
     def __post_init__(self):
         if not self.phases:
@@ -330,13 +335,26 @@ def s2t_on(
     }
 
 
+@torch.no_grad()
+def ctc_transcripts(model, frames, vocab: CtcVocab) -> list[str]:
+    """What the adaptor hears through its CTC head (best path, no LLM): one transcript per utterance."""
+    table = model.llm.get_input_embeddings().weight
+    out = []
+    for f in frames:
+        logits = ctc_logits(model.adaptor(f.to(model.device, model.dtype)[None])[0], table, vocab)
+        out.append(model.tokenizer.decode(ctc_greedy(logits, vocab)))
+    return out
+
+
 class Curve:
     """S2T on the held-out slice every `every` steps (and at the end), appended to curve.jsonl with the examples
     seen and the training minutes so far (read back from metrics.jsonl, so a resumed run counts the same)."""
 
-    def __init__(self, out: Path, model, records, every: int, total: int, examples_per_step: int, precision: str):
+    def __init__(
+        self, out: Path, model, records, every: int, total: int, examples_per_step: int, precision: str, ctc_vocab=None
+    ):
         self.out, self.records, self.every, self.total = Path(out), records, every, total
-        self.per_step, self.precision = examples_per_step, precision
+        self.per_step, self.precision, self.ctc_vocab = examples_per_step, precision, ctc_vocab
         from textkeep.data.features import FeatureCache
 
         self.frames = FeatureCache(model).frames(records, progress=False)
@@ -362,9 +380,15 @@ class Curve:
         row["t2t"] = self.t2t(model)
         row |= {k: got[k] for k in ("s2t", "distinct", "n")} | {"eval_seconds": round(time.perf_counter() - started, 1)}
         row["samples"] = [{"id": r.id, "answer": a} for r, a in list(zip(self.records, got["answers"]))[:5]]
+        if self.ctc_vocab is not None:
+            heard = ctc_transcripts(model, self.frames, self.ctc_vocab)
+            row["ctc_wer"] = round(word_error_rate([r.instruction for r in self.records], heard), 4)
+            for sample, text in zip(row["samples"], heard):
+                sample["ctc_heard"] = text
         kept = [x for x in self._rows() if x["step"] < step]
         write_text(self.path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in [*kept, row]))
-        print(f"[align] step {step}: held-out S2T {100 * row['s2t']:.1f}% ({row['distinct']} distinct answers)")
+        wer = f", CTC WER {100 * row['ctc_wer']:.1f}%" if "ctc_wer" in row else ""
+        print(f"[align] step {step}: held-out S2T {100 * row['s2t']:.1f}% ({row['distinct']} distinct answers{wer})")
         return row
 
     def _rows(self) -> list[dict]:
@@ -464,16 +488,27 @@ def align(
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "heldout.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in held))
     vocab = None
-    if align.uses("ctc"):
+    if speech_llm.adaptor.has_ctc:  # continuing a CTC-aligned adaptor: keep the vocabulary its head was taught
+        ids = speech_llm.adaptor.ctc_ids.tolist()
+        vocab = CtcVocab(ids[1:], ids[0])
+    elif align.uses("ctc"):
         tok = speech_llm.tokenizer
         ids = [t for r in records for t in tok(r.instruction.strip(), add_special_tokens=False)["input_ids"]]
         vocab = CtcVocab(ids, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        speech_llm.adaptor.set_ctc_vocab(vocab.ids)  # saved with the checkpoint: what its CTC head scores
+    if align.compress:
+        if vocab is None:
+            raise TextkeepError(
+                "--align.compress needs a CTC head: add the ctc objective to a phase, or continue (--model) a "
+                "checkpoint aligned with it."
+            )
+        speech_llm.config.speech_compress = True
     teacher = Teacher(speech_llm, out / "teacher.jsonl" if state.is_main_process else None, align.answer_tokens,
                       train.precision)  # fmt: skip
     objective = AlignObjective(speech_llm, align, teacher, vocab)
     per_step = train.batch_size * train.grad_accum * state.num_processes
     total = train.max_steps or math.ceil(train.epochs * len(records) / per_step)
-    curve = Curve(out, speech_llm, held, eval_every, total, per_step, train.precision) if held else None
+    curve = Curve(out, speech_llm, held, eval_every, total, per_step, train.precision, vocab) if held else None
     speech_llm.config.extra = {**speech_llm.config.extra, "llm_frozen": train.strategy == "adaptor",
                                "align": {"data": data, "n_utterances": len(records), **asdict(align)}}  # fmt: skip
     fit(speech_llm, examples, out, train, run_info, resume, objective=objective, on_step=curve)

@@ -75,6 +75,14 @@ def ctc_loss(logits: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -
     )
 
 
+def ctc_greedy(logits: torch.Tensor, vocab: CtcVocab) -> list[int]:
+    """Best-path CTC decoding of one utterance's (n, |vocab|) logits: the argmax of each frame, repeats merged,
+    blanks dropped, as LLM token ids. What the adaptor 'hears', without the LLM."""
+    best = logits.argmax(-1).tolist()
+    kept = [b for i, b in enumerate(best) if b != 0 and (i == 0 or b != best[i - 1])]
+    return vocab.ids[kept].tolist() if kept else []
+
+
 def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ over layers of mean squared distance between the student's and the teacher's states (rows × width),
     each divided by the teacher's mean square so that every layer weighs the same."""
