@@ -249,10 +249,10 @@ def test_checkpoint_missing_file_is_named(tiny_model, tmp_path, missing):
         SpeechLLM.load(tmp_path / "ckpt")
 
 
-def _compressing(m: SpeechLLM) -> SpeechLLM:
+def _compressing(m: SpeechLLM, mode: str = "mean") -> SpeechLLM:
     """The tiny model with a three-token CTC head (blank = pad) and CTC compression on."""
     m.adaptor.set_ctc_vocab(torch.tensor([m.tokenizer.pad_token_id, 5, 6]))
-    m.config.speech_compress = True
+    m.config.speech_compress = mode
     return m
 
 
@@ -298,3 +298,21 @@ def test_compressing_checkpoint_round_trip_and_refusal_without_ctc_head(tiny_mod
     plain = SpeechAdaptor(32, m.llm.config.hidden_size, 5, 64)
     with pytest.raises(TextkeepError, match="CTC head"):
         SpeechLLM(m.llm, m.tokenizer, m.encoder, m.feature_extractor, plain, m.config)
+
+
+def test_posterior_compression_mixes_real_token_embeddings_by_the_ctc_posterior(tiny_model):
+    m = _compressing(tiny_model, "posterior")
+    frames = _frames(151, m.encoder.config.d_model, 3)
+    table = m.llm.get_input_embeddings().weight
+    batch = m.tokenize([Sample(speech=frames)])
+    with torch.no_grad():
+        out = m.adaptor(frames[None])[0]
+        seg = m.speech_segments(frames)
+        rows = table[m.adaptor.ctc_ids[1:]]  # tokens 5 and 6: the blank (pad) never enters the mixture
+        want = []
+        for j in range(int(seg.max()) + 1):
+            post = (out[seg == j] @ rows.T).softmax(-1).mean(0)
+            want.append(post[0] * rows[0] + post[1] * rows[1])
+        torch.testing.assert_close(m.embed(batch)[batch.speech_mask], torch.stack(want))
+    with pytest.raises(TextkeepError, match="speech_compress must be one of"):
+        type(m.config)(speech_compress="max")

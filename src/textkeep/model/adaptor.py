@@ -57,6 +57,12 @@ class SpeechAdaptor(nn.Module):
         starts = kept & torch.cat([best.new_ones(1, dtype=torch.bool), best[1:] != best[:-1]])
         return torch.where(kept, starts.long().cumsum(0) - 1, -1)
 
+    def ctc_mixture(self, out: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(n, d) outputs → (n, d) mixtures of real token embeddings, weighted by each output's CTC posterior over the
+        non-blank tokens (LegoSLM): what the LLM reads is made of rows it knows."""
+        rows = table[self.ctc_ids[1:].to(table.device)]
+        return (out.float() @ rows.float().T).softmax(-1).to(rows.dtype) @ rows
+
 
 def pool_segments(out: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """The mean output of each segment (segments from `ctc_segments`; -1 rows dropped): (n_segments, d)."""

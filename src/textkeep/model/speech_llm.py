@@ -31,6 +31,7 @@ ADAPTOR_FILE = "adaptor.safetensors"
 ENCODER_FRAMES_PER_SECOND = 50  # Whisper: 100 mel frames/s, halved by the second conv's stride
 WHISPER_WINDOW_FRAMES = 1500  # 30 s
 ENCODER_POLICIES = ("pad30", "trim")
+COMPRESSIONS = (None, "mean", "posterior")
 CHAIN_QUESTION, CHAIN_ANSWER = "Question: ", "\nAnswer: "  # the chain-of-modality response layout
 CHAIN_TRANSCRIPT_TOKENS = 48  # the transcript's share of a chain response's generation budget
 
@@ -60,8 +61,10 @@ class SpeechLLMConfig:
     # LLM answers from its own transcript; generate() returns the answer part. Set by `align`'s `chain` objective.
     speech_chain: bool = False
     # CTC compression: the speech slots get one embedding per segment the adaptor's CTC head hears (about one per
-    # token) instead of one per k frames. Needs an adaptor with a CTC vocabulary (`align` with the ctc objective).
-    speech_compress: bool = False
+    # token) instead of one per k frames: "mean", the segment's mean adaptor output (Soundwave, Gaido et al. 2021);
+    # "posterior", its mean CTC posterior over the non-blank tokens times their embedding rows, a mixture of real
+    # token embeddings (LegoSLM). None: off. Needs an adaptor with a CTC vocabulary (`align`'s ctc objective).
+    speech_compress: str | None = None
     extra: dict = field(default_factory=dict)  # training provenance (strategy, steps, …), kept with the checkpoint
 
     def __post_init__(self):
@@ -71,6 +74,8 @@ class SpeechLLMConfig:
             raise TextkeepError(f"adaptor_hidden must be ≥ 1, got {self.adaptor_hidden}")
         if self.encoder_policy not in ENCODER_POLICIES:
             raise TextkeepError(f"encoder_policy must be one of {ENCODER_POLICIES}, got {self.encoder_policy!r}")
+        if self.speech_compress not in COMPRESSIONS:
+            raise TextkeepError(f"speech_compress must be one of {COMPRESSIONS}, got {self.speech_compress!r}")
         if self.keep_padding and self.encoder_policy == "trim":
             raise TextkeepError("--keep-padding needs --encoder-policy pad30 (trim never computes the padding frames)")
 
@@ -273,6 +278,8 @@ class SpeechLLM(nn.Module):
         projected = self.adaptor(frames)
         rows = [projected[i, : s.shape[0] // k] for i, s in enumerate(batch.speech)]
         if batch.segments is not None:
+            if self.config.speech_compress == "posterior":
+                rows = [self.adaptor.ctc_mixture(r, self.llm.get_input_embeddings().weight) for r in rows]
             rows = [pool_segments(r, g) for r, g in zip(rows, batch.segments)]
         speech_embeds = torch.cat(rows)
         return embeds.masked_scatter(batch.speech_mask.unsqueeze(-1), speech_embeds.to(embeds.dtype))

@@ -68,10 +68,11 @@ class AlignConfig:
     """asr: the user turn of the transcription task (<speech> marks the audio)."""
     normalise: bool = True
     """scale every adaptor output to the RMS of the LLM's token embeddings (saved with the checkpoint)."""
-    compress: bool = False
-    """CTC compression: the LLM gets one embedding per token the adaptor's CTC head hears (Soundwave's shrinking,
-    Gaido et al. 2021), in training and in every later use of the checkpoint. Needs the ctc objective in this run
-    or in the run `model` continues."""
+    compress: str | None = None
+    """CTC compression: the LLM gets one embedding per token the adaptor's CTC head hears, in training and in every
+    later use of the checkpoint: mean (the segment's mean output; Soundwave, Gaido et al. 2021) or posterior (its
+    CTC posterior's mixture of token embeddings; LegoSLM). Needs the ctc objective in this run or in the run
+    `model` continues."""
 
     def __post_init__(self):
         if not self.phases:
@@ -502,7 +503,9 @@ def align(
                 "--align.compress needs a CTC head: add the ctc objective to a phase, or continue (--model) a "
                 "checkpoint aligned with it."
             )
-        speech_llm.config.speech_compress = True
+        if align.compress not in ("mean", "posterior"):
+            raise TextkeepError(f"--align.compress must be mean or posterior, got {align.compress!r}.")
+        speech_llm.config.speech_compress = align.compress
     teacher = Teacher(speech_llm, out / "teacher.jsonl" if state.is_main_process else None, align.answer_tokens,
                       train.precision)  # fmt: skip
     objective = AlignObjective(speech_llm, align, teacher, vocab)
