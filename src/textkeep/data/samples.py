@@ -7,14 +7,15 @@ from typing import Sequence
 from textkeep.data.records import Record
 from textkeep.errors import TextkeepError
 
-MODALITIES = ("text", "speech")
+MODALITIES = ("text", "speech", "transcript")
 
 
 def make_samples(
     model, records: Sequence[Record], modality: str, *, with_response: bool = True, cache=None, progress: bool = True
 ):
     """`text`: the transcript goes through the text path. `speech`: the audio goes through encoder and adaptor
-    (frames read from, or added to, the feature cache)."""
+    (frames read from, or added to, the feature cache). `transcript`: Whisper's own transcript of the audio goes
+    through the text path (the cascade, eval/cascade.py; the ASR model is the speech LLM's encoder)."""
     from textkeep.data.features import FeatureCache
     from textkeep.model.speech_llm import Sample
 
@@ -29,6 +30,11 @@ def make_samples(
     response = (lambda r: r.response) if with_response else (lambda r: None)
     if modality == "text":
         return [Sample(text=r.instruction, response=response(r), id=r.id) for r in records]
+    if modality == "transcript":
+        from textkeep.eval.cascade import transcribe
+
+        heard = transcribe(records, model.config.encoder or "whisper-base", progress=progress)
+        return [Sample(text=h or "?", response=response(r), id=r.id) for r, h in zip(records, heard)]
     frames = (cache or FeatureCache(model)).frames(records, progress=progress)
     return [Sample(speech=f, response=response(r), id=r.id) for r, f in zip(records, frames)]
 
