@@ -7,7 +7,8 @@ Each recipe is an `align` config, run (or resumed) into DIR/<name> with the same
 (curve.jsonl: S2T on a slice of its own training questions, never trained on) is what recipes are chosen by. At
 the end each final model is evaluated once on the reporting sets: all 300 LLaMA Questions (real WAVs) and the first
 `--test-limit` spoken Web Questions test questions (`textkeep speak web-questions`), S2T, beside the frozen LLM's
-T2T on the same questions (unchanged by alignment: the LLM is frozen).
+T2T on the same questions (unchanged by alignment: the LLM is frozen) and the cascade's (Whisper base's own
+transcript through the text path: the ceiling an encoder–adaptor model of this LLM can aim at).
 
 Writes DIR/align_curves.png and DIR/align_table.md. Every number is measured in this one run (or read back from
 the resumed runs' own files, which hold their measured times).
@@ -76,7 +77,7 @@ def main() -> None:
                 "--sets",
                 sets,
                 "--modes",
-                "[t2t]",
+                "[t2t, cascade]",
                 *limit,
                 "--out",
                 str(args.out / "t2t"),
@@ -121,10 +122,10 @@ def _table(curves: dict[str, list[dict]], test: dict[str, dict], path: Path) -> 
     cols = ["llama-questions/s2t", "web-questions/s2t"]
     t2t = test.get("T2T (frozen LLM)", {})
     head = (
-        "| recipe | examples | train min | held-out S2T | held-out T2T | distinct | LQ S2T | WQ S2T | LQ ratio "
-        "| WQ ratio |"
+        "| recipe | examples | train min | held-out S2T | held-out T2T | distinct | held-out CTC WER | LQ S2T "
+        "| WQ S2T | LQ ratio | WQ ratio |"
     )
-    lines = [head, "|---" * 10 + "|"]
+    lines = [head, "|---" * 11 + "|"]
     for name, rows in curves.items():
         last = rows[-1]
         acc = test.get(name, {})
@@ -136,14 +137,17 @@ def _table(curves: dict[str, list[dict]], test: dict[str, dict], path: Path) -> 
         fmt = lambda x, p="{:.1f}": "–" if x is None else p.format(x)  # noqa: E731
         lines.append(
             f"| {name} | {last['examples']} | {last['train_minutes']:.1f} | {100 * last['s2t']:.1f} | "
-            f"{fmt(100 * last['t2t'] if 't2t' in last else None)} | {last['distinct']} | {fmt(cells[0])} | "
+            f"{fmt(100 * last['t2t'] if 't2t' in last else None)} | {last['distinct']} | "
+            f"{fmt(100 * last['ctc_wer'] if 'ctc_wer' in last else None)} | {fmt(cells[0])} | "
             f"{fmt(cells[1])} | {fmt(ratios[0], '{:.2f}')} | {fmt(ratios[1], '{:.2f}')} |"
         )
     if t2t:
         lines.append(
             f"\nT2T of the frozen LLM on the same questions: LLaMA Questions "
             f"{100 * t2t.get('llama-questions/t2t', 0):.1f}%, Web Questions "
-            f"{100 * t2t.get('web-questions/t2t', 0):.1f}%."
+            f"{100 * t2t.get('web-questions/t2t', 0):.1f}%. The cascade (Whisper base's transcript → the same LLM): "
+            f"LLaMA Questions {100 * t2t.get('llama-questions/cascade', 0):.1f}%, Web Questions "
+            f"{100 * t2t.get('web-questions/cascade', 0):.1f}%. Ratio: S2T ÷ T2T."
         )
     path.write_text("\n".join(lines) + "\n")
 
