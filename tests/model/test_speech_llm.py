@@ -302,6 +302,8 @@ def test_compressing_checkpoint_round_trip_and_refusal_without_ctc_head(tiny_mod
 
 def test_posterior_compression_mixes_real_token_embeddings_by_the_ctc_posterior(tiny_model):
     m = _compressing(tiny_model, "posterior")
+    with torch.no_grad():
+        m.adaptor.ctc_log_scale.fill_(1.1)  # the head's learnt temperature sharpens the posterior
     frames = _frames(151, m.encoder.config.d_model, 3)
     table = m.llm.get_input_embeddings().weight
     batch = m.tokenize([Sample(speech=frames)])
@@ -311,7 +313,7 @@ def test_posterior_compression_mixes_real_token_embeddings_by_the_ctc_posterior(
         rows = table[m.adaptor.ctc_ids[1:]]  # tokens 5 and 6: the blank (pad) never enters the mixture
         want = []
         for j in range(int(seg.max()) + 1):
-            post = (out[seg == j] @ rows.T).softmax(-1).mean(0)
+            post = (torch.exp(torch.tensor(1.1)) * (out[seg == j] @ rows.T)).softmax(-1).mean(0)
             want.append(post[0] * rows[0] + post[1] * rows[1])
         torch.testing.assert_close(m.embed(batch)[batch.speech_mask], torch.stack(want))
     with pytest.raises(TextkeepError, match="speech_compress must be one of"):

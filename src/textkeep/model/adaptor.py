@@ -38,11 +38,19 @@ class SpeechAdaptor(nn.Module):
         return out * (self.output_scale / out.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt())
 
     # ---- the CTC head (`textkeep align`'s ctc objective) ------------------------------------------------------
-    # The head has no weights of its own: an output scores each token by its dot product with the token's embedding
-    # row, over a restricted vocabulary `ctc_ids` (index 0 the blank) kept as a buffer so the checkpoint carries it.
+    # The head's only weight is a learnt logit scale: an output scores each token by its dot product with the token's
+    # embedding row, over a restricted vocabulary `ctc_ids` (index 0 the blank) kept as a buffer so the checkpoint
+    # carries it. The scale matters once outputs are normalised to the embedding RMS: the dot products are then
+    # capped near the rows' squared norm (~10 for SmolLM2), too flat a softmax over thousands of tokens for CTC to
+    # become sharp, so the head learns its temperature (as CLIP learns its logit scale).
 
     def set_ctc_vocab(self, ids: torch.Tensor) -> None:
         self.register_buffer("ctc_ids", ids.to(torch.long).cpu().clone())
+        self.ctc_log_scale = nn.Parameter(torch.zeros((), device=self.proj[0].weight.device))
+
+    def ctc_scale(self) -> torch.Tensor | float:
+        scale = getattr(self, "ctc_log_scale", None)
+        return 1.0 if scale is None else scale.float().exp()
 
     @property
     def has_ctc(self) -> bool:
@@ -61,7 +69,7 @@ class SpeechAdaptor(nn.Module):
         """(n, d) outputs → (n, d) mixtures of real token embeddings, weighted by each output's CTC posterior over the
         non-blank tokens (LegoSLM): what the LLM reads is made of rows it knows."""
         rows = table[self.ctc_ids[1:].to(table.device)]
-        return (out.float() @ rows.float().T).softmax(-1).to(rows.dtype) @ rows
+        return (self.ctc_scale() * (out.float() @ rows.float().T)).softmax(-1).to(rows.dtype) @ rows
 
 
 def pool_segments(out: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:

@@ -493,6 +493,7 @@ class SpeechLLM(nn.Module):
         state = load_file(str(ckpt_dir / ADAPTOR_FILE))
         if "ctc_ids" in state:
             adaptor.set_ctc_vocab(state["ctc_ids"])
+            state.setdefault("ctc_log_scale", torch.zeros(()))  # saved before the head learnt its scale
         try:
             adaptor.load_state_dict(state)
         except RuntimeError as e:

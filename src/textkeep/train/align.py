@@ -294,7 +294,7 @@ class AlignObjective(nn.Module):
                 skipped += 1
                 continue
             out = m.adaptor(it.speech.to(m.device, m.dtype)[None])[0]
-            logits.append(ctc_logits(out, table, vocab))
+            logits.append(ctc_logits(out, table, vocab, m.adaptor.ctc_scale()))
             targets.append(vocab.targets(ids))
         self._parts.setdefault("ctc_skipped", []).append(float(skipped))
         if not logits:
@@ -342,7 +342,8 @@ def ctc_transcripts(model, frames, vocab: CtcVocab) -> list[str]:
     table = model.llm.get_input_embeddings().weight
     out = []
     for f in frames:
-        logits = ctc_logits(model.adaptor(f.to(model.device, model.dtype)[None])[0], table, vocab)
+        out = model.adaptor(f.to(model.device, model.dtype)[None])[0]
+        logits = ctc_logits(out, table, vocab, model.adaptor.ctc_scale())
         out.append(model.tokenizer.decode(ctc_greedy(logits, vocab)))
     return out
 

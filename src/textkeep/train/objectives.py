@@ -51,10 +51,10 @@ class CtcVocab:
         return [self.index[t] for t in token_ids]
 
 
-def ctc_logits(adaptor_out: torch.Tensor, embeddings: torch.Tensor, vocab: CtcVocab) -> torch.Tensor:
-    """(n, d) adaptor outputs · the vocabulary's embedding rows → (n, |vocab|) logits: an output frame scores high for
-    the tokens whose embedding it points along, so what CTC teaches is to output token embeddings."""
-    return adaptor_out.float() @ embeddings[vocab.ids.to(embeddings.device)].float().T
+def ctc_logits(adaptor_out: torch.Tensor, embeddings: torch.Tensor, vocab: CtcVocab, scale=1.0) -> torch.Tensor:
+    """scale · (n, d) adaptor outputs · the vocabulary's embedding rows → (n, |vocab|) logits: an output frame scores
+    high for the tokens whose embedding it points along, so what CTC teaches is to output token embeddings."""
+    return scale * (adaptor_out.float() @ embeddings[vocab.ids.to(embeddings.device)].float().T)
 
 
 def ctc_loss(logits: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> torch.Tensor:
