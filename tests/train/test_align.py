@@ -185,3 +185,18 @@ def test_chain_of_modality_answers_with_the_part_after_the_transcript(tiny_model
     first4 = tok.decode(tok("The capital of France is Paris.", add_special_tokens=False)["input_ids"][:4]).strip()
     assert got == [first4, said]  # the answer part, cut to the budget; a typed prompt is left alone
     assert budgets == [4, 4 + CHAIN_TRANSCRIPT_TOKENS]
+
+
+def test_ctc_transcripts_are_the_heads_best_paths_decoded(tiny_model):
+    from textkeep.train.align import ctc_transcripts
+    from textkeep.train.objectives import ctc_greedy, ctc_logits
+
+    m = tiny_model
+    vocab = CtcVocab([5, 6, 7, 9], blank_id=m.tokenizer.pad_token_id)
+    m.adaptor.set_ctc_vocab(vocab.ids)
+    frames = [it.speech for it in _Items(m).items]
+    table = m.llm.get_input_embeddings().weight
+    with torch.no_grad():
+        want = [m.tokenizer.decode(ctc_greedy(ctc_logits(m.adaptor(f[None])[0], table, vocab), vocab)) for f in frames]
+    got = ctc_transcripts(m, frames, vocab)
+    assert got == want and len(got) == 4 and any(got)

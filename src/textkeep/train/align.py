@@ -342,8 +342,8 @@ def ctc_transcripts(model, frames, vocab: CtcVocab) -> list[str]:
     table = model.llm.get_input_embeddings().weight
     out = []
     for f in frames:
-        out = model.adaptor(f.to(model.device, model.dtype)[None])[0]
-        logits = ctc_logits(out, table, vocab, model.adaptor.ctc_scale())
+        frames_out = model.adaptor(f.to(model.device, model.dtype)[None])[0]
+        logits = ctc_logits(frames_out, table, vocab, model.adaptor.ctc_scale())
         out.append(model.tokenizer.decode(ctc_greedy(logits, vocab)))
     return out
 
