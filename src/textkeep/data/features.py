@@ -75,7 +75,7 @@ class FeatureCache:
         """Encoder frames for each record's audio: from the cache, or computed (in batches) and stored."""
         from tqdm.auto import tqdm
 
-        from textkeep.model.audio import load_audio
+        from textkeep.model.audio import load_record_audio
 
         missing_audio = [r.id for r in records if r.audio is None]
         if missing_audio:
@@ -90,13 +90,7 @@ class FeatureCache:
         bar = tqdm(total=len(todo), desc="encoding speech", unit="utt", disable=not progress or not todo)
         for start in range(0, len(todo), batch_size):
             idx = todo[start : start + batch_size]
-            audios = []
-            for i in idx:
-                try:
-                    audios.append(load_audio(records[i].audio))
-                except TextkeepError as e:
-                    raise TextkeepError(f"record '{records[i].id}': {e}") from None
-            for i, frames in zip(idx, self.model.encode_audio(audios)):
+            for i, frames in zip(idx, self.model.encode_audio(load_record_audio(records, idx))):
                 frames = frames.cpu()  # cached frames live on the CPU wherever the encoder ran, as cache reads do
                 keys[i] = keys[i] or file_sha256(Path(records[i].audio))
                 self.put(keys[i], frames)

@@ -44,7 +44,7 @@ def transcribe(
     import torch
     from tqdm.auto import tqdm
 
-    from textkeep.model.audio import load_audio
+    from textkeep.model.audio import load_record_audio
 
     missing = [r.id for r in records if r.audio is None]
     if missing:
@@ -71,12 +71,7 @@ def transcribe(
                                                              unit="utt", disable=not progress) as bar:  # fmt: skip
             for start in range(0, len(todo), batch_size):
                 idx = todo[start : start + batch_size]
-                audios = []
-                for i in idx:
-                    try:
-                        audios.append(load_audio(records[i].audio))
-                    except TextkeepError as e:
-                        raise TextkeepError(f"record '{records[i].id}': {e}") from None
+                audios = load_record_audio(records, idx)
                 feats = processor.feature_extractor(audios, sampling_rate=16000, return_tensors="pt").input_features
                 with torch.no_grad():  # every row is a full 30 s window, so the mask is all ones
                     ids = model.generate(feats, attention_mask=torch.ones(feats.shape[0], feats.shape[-1]), **task)

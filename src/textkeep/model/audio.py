@@ -24,6 +24,17 @@ def to_16k_mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     return audio
 
 
+def load_record_audio(records, idx) -> list[np.ndarray]:
+    """The audio of records[i] for each i in idx; a file that cannot be read is named with its record's id."""
+    audios = []
+    for i in idx:
+        try:
+            audios.append(load_audio(records[i].audio))
+        except TextkeepError as e:
+            raise TextkeepError(f"record '{records[i].id}': {e}") from None
+    return audios
+
+
 def load_audio(path: str | Path, max_seconds: float = MAX_SECONDS) -> np.ndarray:
     """Read an audio file (WAV, FLAC, OGG, … through libsndfile) as 16 kHz mono float32 in [-1, 1]."""
     import soundfile as sf
