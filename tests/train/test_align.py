@@ -200,3 +200,47 @@ def test_ctc_transcripts_are_the_heads_best_paths_decoded(tiny_model):
         want = [m.tokenizer.decode(ctc_greedy(ctc_logits(m.adaptor(f[None])[0], table, vocab), vocab)) for f in frames]
     got = ctc_transcripts(m, frames, vocab)
     assert got == want and len(got) == 4 and any(got)
+
+
+def test_batched_ctc_equals_the_loss_of_each_utterance_alone(tiny_model):
+    from textkeep.train.objectives import ctc_logits, ctc_loss
+
+    tok = tiny_model.tokenizer
+    ids = [t for q in QUESTIONS for t in tok(q, add_special_tokens=False)["input_ids"]]
+    vocab = CtcVocab(ids, tok.pad_token_id)
+    tiny_model.adaptor.set_ctc_vocab(vocab.ids)
+    with torch.no_grad():
+        tiny_model.adaptor.ctc_log_scale.fill_(0.7)
+    objective = AlignObjective(tiny_model, AlignConfig(phases=[Phase({"ctc": 1.0})]), None, vocab)
+    items = _Items(tiny_model, n_frames=(203, 77, 161, 96)).items  # lengths not multiples of k, padded unevenly
+    got = objective(items, 1)
+    table, scale = tiny_model.llm.get_input_embeddings().weight, tiny_model.adaptor.ctc_scale()
+    total, n_tokens = 0.0, 0
+    for it in items:  # one utterance at a time, as the objective used to
+        target = tok(it.transcript, add_special_tokens=False)["input_ids"]
+        logits = ctc_logits(tiny_model.adaptor(it.speech[None])[0], table, vocab, scale)
+        total = total + ctc_loss([logits], [vocab.targets(target)])
+        n_tokens += len(target)
+    torch.testing.assert_close(got, total / n_tokens, rtol=1e-5, atol=1e-5)
+    (g_got,) = torch.autograd.grad(got, tiny_model.adaptor.proj[0].weight)
+    (g_want,) = torch.autograd.grad(total / n_tokens, tiny_model.adaptor.proj[0].weight)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_continued_ctc_head_keeps_its_rows_and_scale_and_adds_the_new_transcripts_tokens(tiny_model):
+    from textkeep.data.records import Record
+    from textkeep.train.align import ctc_vocabulary
+
+    tok = tiny_model.tokenizer
+    first = [Record(id="a", instruction=QUESTIONS[0]), Record(id="b", instruction=QUESTIONS[1])]
+    vocab = ctc_vocabulary(tiny_model, first, training_ctc=True)
+    with torch.no_grad():
+        tiny_model.adaptor.ctc_log_scale.fill_(1.3)
+    old = set(vocab.ids.tolist())
+    more = [Record(id="c", instruction=QUESTIONS[2])]
+    assert ctc_vocabulary(tiny_model, more, training_ctc=False).ids.tolist() == vocab.ids.tolist()  # kd: unchanged
+    grown = ctc_vocabulary(tiny_model, more, training_ctc=True)
+    new = set(tok(QUESTIONS[2], add_special_tokens=False)["input_ids"])
+    assert set(grown.ids.tolist()) == old | new and grown.ids[0] == vocab.ids[0]  # same blank, union of rows
+    assert tiny_model.adaptor.ctc_ids.tolist() == grown.ids.tolist()
+    assert tiny_model.adaptor.ctc_log_scale.item() == pytest.approx(1.3)

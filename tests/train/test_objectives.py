@@ -84,3 +84,28 @@ def test_ctc_segments_pool_one_embedding_per_heard_token():
     pooled = pool_segments(out, seg)
     want = torch.stack([out[[0, 1]].mean(0), out[3], out[[4, 5]].mean(0)])
     torch.testing.assert_close(pooled, want)
+
+
+@pytest.mark.parametrize("vocab_size", [9, 200])  # 9: the targets use every token, the rest column is empty
+def test_ctc_loss_and_its_gradient_equal_torchs_over_the_full_vocabulary(vocab_size):
+    g = torch.Generator().manual_seed(3)
+    lengths = [13, 7, 10]
+    targets = [[1, 4, 4, 2, 8], [3], [5, 6, 7, 1, 2, 3, 4, 8]]  # repeats need a blank between them
+    logits = [(3 * torch.randn(n, vocab_size, generator=g)).requires_grad_() for n in lengths]
+    got = ctc_loss(logits, targets)
+    padded = torch.nn.utils.rnn.pad_sequence([x.log_softmax(-1) for x in logits])  # (T, B, V), torch's reference
+    want = torch.nn.functional.ctc_loss(
+        padded,
+        torch.tensor([t for tgt in targets for t in tgt]),
+        torch.tensor(lengths),
+        torch.tensor([len(t) for t in targets]),
+        blank=0,
+        reduction="sum",
+        zero_infinity=True,
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    g_got = torch.autograd.grad(got, logits)
+    g_want = torch.autograd.grad(want, logits)
+    for a, b in zip(g_got, g_want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -45,8 +45,10 @@ class SpeechAdaptor(nn.Module):
     # become sharp, so the head learns its temperature (as CLIP learns its logit scale).
 
     def set_ctc_vocab(self, ids: torch.Tensor) -> None:
+        """Score `ids` (index 0 the blank); a head that already has a logit scale keeps it."""
         self.register_buffer("ctc_ids", ids.to(torch.long).cpu().clone())
-        self.ctc_log_scale = nn.Parameter(torch.zeros((), device=self.proj[0].weight.device))
+        if getattr(self, "ctc_log_scale", None) is None:
+            self.ctc_log_scale = nn.Parameter(torch.zeros((), device=self.proj[0].weight.device))
 
     def ctc_scale(self) -> torch.Tensor | float:
         scale = getattr(self, "ctc_log_scale", None)

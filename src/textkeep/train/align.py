@@ -19,6 +19,7 @@ under "parts", checkpoints/ for --resume), plus:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -286,21 +287,24 @@ class AlignObjective(nn.Module):
     def _ctc(self, items) -> torch.Tensor:
         m, vocab = self.model, self.ctc_vocab
         k = m.config.adaptor_k
-        table = m.llm.get_input_embeddings().weight
-        logits, targets, skipped = [], [], 0
+        kept, targets, skipped = [], [], 0
         for it in items:
             ids = m.tokenizer(it.transcript, add_special_tokens=False)["input_ids"]
             if it.speech.shape[0] // k < len(ids):  # CTC needs a frame per token at least
                 skipped += 1
                 continue
-            out = m.adaptor(it.speech.to(m.device, m.dtype)[None])[0]
-            logits.append(ctc_logits(out, table, vocab, m.adaptor.ctc_scale()))
+            kept.append(it.speech)
             targets.append(vocab.targets(ids))
         self._parts.setdefault("ctc_skipped", []).append(float(skipped))
-        if not logits:
+        if not kept:
             return torch.zeros((), device=m.device, requires_grad=True)
+        # One adaptor pass and one matmul against the vocabulary's rows for the whole batch: each output depends on
+        # its own k frames only, so the zero padding changes no real output (per-utterance calls cost 5× more).
+        frames = nn.utils.rnn.pad_sequence(kept, batch_first=True).to(m.device, m.dtype)
+        logits = ctc_logits(m.adaptor(frames), m.llm.get_input_embeddings().weight, vocab, m.adaptor.ctc_scale())
+        n_out = [f.shape[0] // k for f in kept]
         n_tokens = sum(len(t) for t in targets)
-        return ctc_loss(logits, targets) / max(n_tokens, 1)
+        return ctc_loss([x[:n] for x, n in zip(logits, n_out)], targets) / max(n_tokens, 1)
 
 
 # ---- the held-out curve ------------------------------------------------------------------------------------------
@@ -385,11 +389,17 @@ class Curve:
         if self.ctc_vocab is not None:
             heard = ctc_transcripts(model, self.frames, self.ctc_vocab)
             row["ctc_wer"] = round(word_error_rate([r.instruction for r in self.records], heard), 4)
+            # The text path reading what the head heard: the S2T that hearing alone would allow (a cascade
+            # through the CTC head), so a recipe can tell "does not hear" from "hears but is not understood".
+            as_text = [dataclasses.replace(r, instruction=h) for r, h in zip(self.records, heard)]
+            row["ctc_t2t"] = s2t_on(model, as_text, None, precision=self.precision, text=True)["s2t"]
             for sample, text in zip(row["samples"], heard):
                 sample["ctc_heard"] = text
         kept = [x for x in self._rows() if x["step"] < step]
         write_text(self.path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in [*kept, row]))
-        wer = f", CTC WER {100 * row['ctc_wer']:.1f}%" if "ctc_wer" in row else ""
+        wer = ""
+        if "ctc_wer" in row:
+            wer = f", CTC WER {100 * row['ctc_wer']:.1f}%, T2T on it {100 * row['ctc_t2t']:.1f}%"
         print(f"[align] step {step}: held-out S2T {100 * row['s2t']:.1f}% ({row['distinct']} distinct answers{wer})")
         return row
 
@@ -407,6 +417,27 @@ class Curve:
 def embedding_rms(llm) -> float:
     """The root mean square of the LLM's token embeddings: the scale its layers expect their inputs at."""
     return float(llm.get_input_embeddings().weight.detach().float().pow(2).mean(-1).sqrt().mean())
+
+
+def ctc_vocabulary(model, records, training_ctc: bool) -> CtcVocab | None:
+    """The CTC head's vocabulary, set on the adaptor (a buffer, so the checkpoint carries it).
+
+    A fresh head scores the tokens of the training transcripts. A continued CTC-aligned adaptor keeps its rows and,
+    when this run trains `ctc`, adds the new transcripts' tokens: the head has no weight per token (it scores the
+    LLM's own embedding rows), so new rows need no initialisation and the learnt logit scale carries over."""
+    tok = model.tokenizer
+    heard = model.adaptor.has_ctc
+    if not heard and not training_ctc:
+        return None
+    records = records if training_ctc else []
+    ids = [t for r in records for t in tok(r.instruction.strip(), add_special_tokens=False)["input_ids"]]
+    if heard:
+        old = model.adaptor.ctc_ids.tolist()
+        vocab = CtcVocab(old[1:] + ids, old[0])
+    else:
+        vocab = CtcVocab(ids, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    model.adaptor.set_ctc_vocab(vocab.ids)
+    return vocab
 
 
 def split_heldout(records, n: int, seed: int):
@@ -489,15 +520,7 @@ def align(
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "heldout.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in held))
-    vocab = None
-    if speech_llm.adaptor.has_ctc:  # continuing a CTC-aligned adaptor: keep the vocabulary its head was taught
-        ids = speech_llm.adaptor.ctc_ids.tolist()
-        vocab = CtcVocab(ids[1:], ids[0])
-    elif align.uses("ctc"):
-        tok = speech_llm.tokenizer
-        ids = [t for r in records for t in tok(r.instruction.strip(), add_special_tokens=False)["input_ids"]]
-        vocab = CtcVocab(ids, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        speech_llm.adaptor.set_ctc_vocab(vocab.ids)  # saved with the checkpoint: what its CTC head scores
+    vocab = ctc_vocabulary(speech_llm, records, align.uses("ctc"))
     if align.compress:
         if vocab is None:
             raise TextkeepError(
