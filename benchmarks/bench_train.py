@@ -10,8 +10,12 @@ Side by side in one run, on the same N spoken instructions and the same model (f
 - LLaMA-Omni style (written here): every clip padded to 30 s and run through the encoder at every step, all 1500 frames
   kept (300 speech embeddings, keep_padding), random batches with no length grouping, the HF forward computing logits
   at every position.
-Then seconds per optimizer step (B × grad_accum examples) for full, layer-lr and lora via `train()`; layer-lr reads a
-placeholder importance map with the model's parameter names (timing does not depend on its values).
+Then, for each precision (fp32, bf16) and strategy (the paper's full, layer-lr, lora and those beyond it: masked,
+anchor, layer-lr+lora, kd-text), seconds per optimizer step (B × grad_accum examples) via `train()`, tokens/s over
+every position the LLM runs, and the fraction of this machine's training limit: 6 FLOPs per LLM parameter per token
+at the bf16 matmul peak measured in the same run (a 2048² matmul). The strategies that read a map get a seeded
+random placeholder map with the model's parameter names (timing does not depend on its values). The memory that
+masked and anchor hold beyond Full-FT is counted from their tensors, against one fp32 copy of the LLM.
 
 Data: the synthesized Spoken-Alpaca-GPT4 when `textkeep speak alpaca-gpt4` has made it, else LLaMA Questions' recorded
 WAVs ($TEXTKEEP_DATA_DIR), question → answer.
@@ -87,7 +91,7 @@ def omni_style(model_name: str, encoder: str, records, batch_size: int, seed: in
 
 
 def _placeholder_map(model_name: str, root: Path) -> Path:
-    """An importance map with the LLM's parameter names and shapes (zeros) and made-up layer sums."""
+    """An importance map with the LLM's parameter names and shapes (seeded uniform values) and made-up layer sums."""
     from safetensors.torch import save_file
 
     from textkeep.model.speech_llm import load_llm
@@ -95,7 +99,11 @@ def _placeholder_map(model_name: str, root: Path) -> Path:
     llm, _ = load_llm(model_name)
     n_layers = llm.config.num_hidden_layers
     root.mkdir(parents=True, exist_ok=True)
-    save_file({n: torch.zeros(p.shape) for n, p in llm.named_parameters()}, str(root / "importance.safetensors"))
+    if (root / "summary.json").is_file():
+        return root
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(p.shape, generator=g) for n, p in llm.named_parameters()}
+    save_file(scores, str(root / "importance.safetensors"))
     (root / "summary.json").write_text(
         json.dumps({"layers": [{"layer": i, "sum": float(1 + (i * 7) % n_layers)} for i in range(n_layers)]})
     )
@@ -117,6 +125,48 @@ def _encode_seconds(model_name: str, encoder: str, records, root: Path) -> float
     return time.perf_counter() - started
 
 
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 20) -> float:
+    """GFLOP/s of an n×n matmul in `dtype` on this device: the ceiling a training step is measured against."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def _tokens_per_example(model_name: str, encoder: str, records) -> tuple[float, int]:
+    """The mean number of positions the LLM runs per example (prompt, speech embeddings, response), and the LLM's
+    parameter count."""
+    from textkeep.data.samples import make_samples
+    from textkeep.model.speech_llm import SpeechLLM
+
+    model = SpeechLLM.build(model_name, encoder)
+    samples = make_samples(model, records, "speech", progress=False)
+    batch = model.tokenize(samples)
+    return float(batch.attention_mask.sum()) / len(samples), sum(p.numel() for p in model.llm.parameters())
+
+
+def guard_bytes(model_name: str, map_dir: Path) -> dict[str, float]:
+    """What masked and anchor hold beyond Full-FT, as a fraction of one fp32 copy of the LLM."""
+    from textkeep.model.speech_llm import load_llm
+    from textkeep.train.guarded import Anchor, GradMask
+
+    llm, _ = load_llm(model_name)
+    copy_bytes = 4 * sum(p.numel() for p in llm.parameters())
+    mask = GradMask(llm, map_dir, 0.05)
+    anchor = Anchor(llm, map_dir, 1.0)
+    held = {
+        "masked": sum(m.numel() * m.element_size() for _, m in mask.masks),
+        "anchor": sum(w.numel() * w.element_size() + a.numel() * a.element_size() for _, w, a in anchor.terms),
+    }
+    return {k: v / copy_bytes for k, v in held.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=32, help="spoken instructions")
@@ -126,6 +176,10 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=4, help="for the per-strategy step timing")
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps timed per strategy")
     parser.add_argument("--skip-omni", action="store_true", help="only the per-strategy timing")
+    parser.add_argument(
+        "--strategies", default="full,layer-lr,lora,masked,anchor,layer-lr+lora,kd-text", help="comma-separated"
+    )
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a busy shared CPU)"
     )
@@ -138,7 +192,7 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from textkeep.train.config import TrainConfig
+    from textkeep.train.config import NEEDS_MAP, TrainConfig
     from textkeep.train.trainer import train
 
     data, manifest, records = _records(args.n)
@@ -166,17 +220,24 @@ def main() -> None:
                 ("LLaMA-Omni style (30 s pad, encoder every step)", n / omni_s),
             ]
         steps = {}
-        for strategy in ("full", "layer-lr", "lora"):
-            extra = {"importance": _placeholder_map(args.model, root / "map")} if strategy == "layer-lr" else {}
-            metrics = run(
-                strategy,
-                strategy=strategy,
-                max_steps=args.steps,
-                batch_size=args.batch_size,
-                grad_accum=args.grad_accum,
-                **extra,
-            )
-            steps[strategy] = sum(r["seconds"] for r in metrics) / len(metrics)
+        strategies, precisions = args.strategies.split(","), args.precisions.split(",")
+        for precision in precisions:
+            for strategy in strategies:
+                extra = {"importance": _placeholder_map(args.model, root / "map")} if strategy in NEEDS_MAP else {}
+                metrics = run(
+                    f"{strategy}-{precision}",
+                    strategy=strategy,
+                    max_steps=args.steps,
+                    batch_size=args.batch_size,
+                    grad_accum=args.grad_accum,
+                    precision=precision,
+                    **extra,
+                )
+                steps[strategy, precision] = sum(r["seconds"] for r in metrics) / len(metrics)
+        per_example, n_params = _tokens_per_example(args.model, args.encoder, records)
+        peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+        held = guard_bytes(args.model, _placeholder_map(args.model, root / "map")) if set(strategies) & {
+            "masked", "anchor"} else {}  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -187,10 +248,26 @@ def main() -> None:
         for name, ex_s in rows:
             print(f"| {name} | {ex_s:.2f} | {ex_s / rows[-1][1]:.1f} |")
         print()
-    print(f"| strategy | s / optimizer step ({args.batch_size} × {args.grad_accum} examples, mean of {args.steps}) |")
-    print("|---|---|")
-    for strategy, s in steps.items():
-        print(f"| {strategy} | {s:.2f} |")
+    limit = peak["bf16"] * 1e9 / (6 * n_params)
+    print(
+        f"matmul peak (2048²): bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s; training limit "
+        f"6 × {n_params / 1e6:.0f}M parameters per token at the bf16 peak = {limit:.0f} tokens/s; "
+        f"{per_example:.0f} positions per example\n"
+    )
+    step_examples = args.batch_size * args.grad_accum
+    print(
+        f"| strategy | precision | s / step ({step_examples} examples, mean of {args.steps}) | tokens/s | "
+        "× Full-FT's time, same precision | × fp32's speed | fraction of the limit |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for (strategy, precision), s in steps.items():
+        tok_s = step_examples * per_example / s
+        vs_full = f"{s / steps[('full', precision)]:.2f}" if ("full", precision) in steps else "–"
+        vs_fp32 = f"{steps[(strategy, 'fp32')] / s:.2f}" if (strategy, "fp32") in steps else "–"
+        print(f"| {strategy} | {precision} | {s:.2f} | {tok_s:.0f} | {vs_full} | {vs_fp32} | {tok_s / limit:.2f} |")
+    for name, frac in held.items():
+        print(f"\n{name} holds {frac:.2f} of one fp32 copy of the LLM beyond Full-FT (bound: 1.00)", end="")
+    print()
 
 
 if __name__ == "__main__":

@@ -71,10 +71,15 @@ def finished(shared):
 def test_study_runs_every_stage_and_writes_the_report(finished):
     out, seconds = finished
     print(f"tiny study: {seconds:.0f} s")
-    for stage in ("data", "base-importance", "train", "importance", "analysis", "eval", "report"):
+    for stage in ("data", "base-importance", "align", "train", "importance", "analysis", "eval", "report"):
         assert (out / stage / "stage.json").is_file(), stage
     results = json.loads((out / "report" / "results.json").read_text())
-    assert set(results["table2"]) == {"no-ft", "full", "layer-lr", "lora"}
+    beyond = {"masked"}  # a strategy beyond the paper gets its row too
+    assert set(results["table2"]) == {"no-ft", "aligned", "full", "layer-lr", "lora"} | beyond
+    for run in ("full", "lora"):  # every strategy starts from the align stage's adaptor
+        args = json.loads((out / "train" / run / "train_config.json").read_text())["args"]
+        assert Path(args["model"]) == out / "align" / "run"
+    assert (out / "align" / "run" / "model").is_dir() and (out / "report" / "tradeoff.png").is_file()
     assert set(map(str, results["table3"])) == {"8", "16"}
     assert {"speech", "text"} <= set(results["table1"]["Full-FT"])
     splits = json.loads((out / "data" / "splits.json").read_text())
@@ -97,7 +102,7 @@ def test_rerun_skips_every_stage(shared, finished):
     proc = _study(config, out, env)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
-    assert log.count("up to date, skipped") == 7, log[-3000:]
+    assert log.count("up to date, skipped") == 8, log[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/stage.json")} == stamps
 
 
@@ -244,7 +249,7 @@ def test_two_processes_train_together_and_run_the_other_stages_once(shared):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert json.loads((out / "train" / "full" / "train_config.json").read_text())["derived"]["processes"] == 2
-    for stage in ("data", "base-importance", "train", "importance", "analysis", "eval", "report"):
+    for stage in ("data", "base-importance", "align", "train", "importance", "analysis", "eval", "report"):
         assert log.count(f"[study] {stage} …") == 1, stage  # the main process runs it; the other waits
     assert (out / "report" / "results.json").is_file()
 

@@ -17,9 +17,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("data", "base-importance", "train", "importance", "analysis", "eval", "report")
-LABELS = {"no-ft": "No-FT", "full": "Full-FT", "layer-lr": "Layer-LR", "lora": "LoRA"}
+STAGES = ("data", "base-importance", "align", "train", "importance", "analysis", "eval", "report")
+LABELS = {
+    "no-ft": "No-FT",
+    "full": "Full-FT",
+    "layer-lr": "Layer-LR",
+    "lora": "LoRA",
+    "masked": "Masked",
+    "anchor": "Anchor",
+    "layer-lr+lora": "Layer-LR + LoRA",
+    "kd-text": "KD-text",
+    "aligned": "Aligned (LLM frozen)",
+    "cascade": "Cascade (Whisper base → text path)",
+}
 BASE_RUN = "no-ft"  # the eval folder of the pre-trained LLM
+ALIGNED_RUN, CASCADE_RUN = "aligned", "cascade"  # the eval folders of the align stage's model and of the cascade
 # Each paper figure: the analysis folder that draws it and the file's stem there.
 FIGURES = {
     "fig1": ("clusters", "clusters"),
@@ -72,6 +84,17 @@ class StudyLayout:
 
     def map(self, run: str, modality: str = "text") -> Path:
         return self.stage("importance") / (run if modality == "text" else f"{run}-{modality}") / "map"
+
+    # ---- alignment ----
+    @property
+    def align_run(self) -> Path:
+        """The align stage's run directory (`textkeep align --out`): model/, curve.jsonl, checkpoints/."""
+        return self.stage("align") / "run"
+
+    @property
+    def align_data(self) -> Path:
+        """The training split's records, which the align stage trains on when its recipe names no data."""
+        return self.stage("align") / "train.jsonl"
 
     # ---- training and evaluation ----
     def run_dir(self, run: str) -> Path:

@@ -38,11 +38,17 @@ def precision_of(setting: str) -> str:
         return os.environ["ACCELERATE_MIXED_PRECISION"]
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
+    if setting not in ("fp32", "bf16"):
+        from textkeep.errors import TextkeepError
+
+        raise TextkeepError(f"precision must be fp32, bf16 or auto, got {setting!r}.")
     return {"fp32": "no", "bf16": "bf16"}[setting]
 
 
 def autocast(precision: str, device):
-    """bf16 autocast for a TrainConfig.precision outside `fit`'s own (generation, teacher passes)."""
+    """bf16 autocast for a precision setting (fp32, bf16, auto) outside `fit`'s own: generation, evaluation,
+    perplexity, importance, teacher passes. The weights stay as they are (fp32 master weights), and what
+    accumulates (importance, losses) is fp32."""
     import torch
 
     device = torch.device(device)

@@ -4,11 +4,15 @@ Stages run in order over one results directory (default runs/<profile>/):
 
     data             spoken training set (TTS), its test / importance splits, spoken eval sets, speech features
     base-importance  textual importance of the pre-trained LLM on the importance split
-    train            Full-FT, Layer-LR (Eq. 3 on the base map), LoRA, and the LoRA rank ablation
+    align            (optional) `textkeep align` with a recipe: the adaptor alone, the LLM frozen; every strategy
+                     then starts from this aligned adaptor (a documented deviation from LLaMA-Omni, docs/align.md)
+    train            Full-FT, Layer-LR (Eq. 3 on the base map), LoRA, the LoRA rank ablation, and any strategy
+                     beyond the paper (train/guarded.py)
     importance       textual importance of every fine-tuned model; speech importance of Full-FT
     analysis         layer distributions (Figs 2, 3), shift table, rank clustering (Fig 1), parameter change
                      (Fig 4), deactivation (Table 1) on Full-FT
-    eval             T2T / S2T accuracy on LLaMA Questions and Web Questions (Tables 2, 3)
+    eval             T2T / S2T accuracy on LLaMA Questions and Web Questions (Tables 2, 3), of every run, of the
+                     aligned model, and the cascade reference (Whisper base's transcript through the text path)
     report           report/index.html (self-contained) and report/results.json
 
 A finished stage leaves `<stage>/stage.json` with the hash of the config that made it (and of the stages it
@@ -31,16 +35,20 @@ from textkeep.errors import TextkeepError
 from textkeep.fileio import write_json, write_text
 from textkeep.layout import LABELS, STAGES, StudyLayout, label
 from textkeep.runtime import on_device, process_state
-from textkeep.train.config import TrainConfig, check_lora, check_strategy
+from textkeep.train.config import NEEDS_MAP, TrainConfig, check_lora, check_strategy
 
 # What each stage reads from the config, and which stages' outputs it reads.
 DEPENDS = {
     "data": (("llm", "encoder", "encoder_policy", "seed", "data", "eval"), ()),
     "base-importance": (("llm", "importance"), ("data",)),
-    "train": (("llm", "encoder", "encoder_policy", "train", "strategies", "lora_ranks"), ("data", "base-importance")),
+    "align": (("llm", "encoder", "encoder_policy", "align"), ("data",)),
+    "train": (
+        ("llm", "encoder", "encoder_policy", "train", "strategies", "lora_ranks"),
+        ("data", "base-importance", "align"),
+    ),
     "importance": (("importance",), ("train",)),
     "analysis": (("analysis",), ("importance",)),
-    "eval": (("eval",), ("train",)),
+    "eval": (("eval",), ("train", "align")),
     "report": ((), ("analysis", "eval")),
 }
 
@@ -120,6 +128,30 @@ class AnalysisConfig:
 
 
 @dataclass
+class AlignStageConfig:
+    """The align stage: the adaptor alone, the LLM frozen, before Stage 1 (docs/align.md). LLaMA-Omni trains
+    adaptor and LLM together from a random adaptor; with this stage every strategy starts from the same aligned
+    adaptor and differs only in how it fine-tunes the LLM. Its model is a row of its own, Aligned (LLM frozen)."""
+
+    recipe: str | None = None
+    """an align config (configs/align/*.yaml), run as `textkeep align --config RECIPE` with the study's out and
+    resume; the study's llm, encoder and encoder_policy fill what it leaves unset, and the training split's
+    spoken records its data. Unset, with no checkpoint: no align stage, as in the paper."""
+    checkpoint: str | None = None
+    """an aligned checkpoint made before (`textkeep align`'s out) to start from instead of running a recipe."""
+
+    def __post_init__(self):
+        _need(not (self.recipe and self.checkpoint), "align.recipe and align.checkpoint exclude each other")
+        for name in ("recipe", "checkpoint"):
+            value = getattr(self, name)
+            _need(value is None or Path(value).exists(), f"align.{name} '{value}' does not exist")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.recipe or self.checkpoint)
+
+
+@dataclass
 class EvalConfig:
     """Spoken QA (Tables 2, 3)."""
 
@@ -131,6 +163,9 @@ class EvalConfig:
     """questions generated together."""
     max_new_tokens: int = 64
     """the longest answer, in tokens."""
+    cascade: bool = True
+    """the cascade reference row: Whisper base's own transcript through the text path (eval/cascade.py); the
+    ceiling an encoder-adaptor model of this LLM aims at."""
 
 
 @dataclass
@@ -153,11 +188,13 @@ class StudyConfig:
     """Table 3's ablation: a LoRA run per rank ([] to skip); train.lora_rank is the main LoRA run's."""
     data: DataConfig = field(default_factory=DataConfig)
     """the spoken training set."""
+    align: AlignStageConfig = field(default_factory=AlignStageConfig)
+    """the optional align stage before Stage 1."""
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     """importance maps."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """training settings, the same as `textkeep train --train.KEY` (the study sets strategy, importance and seed
-    per run)."""
+    per run). Its precision is every stage's: training, importance maps, deactivation and evaluation."""
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     """deactivation and drawn layer."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -290,7 +327,7 @@ class Study:
                 print(f"[study] {stage} …")
             state.wait_for_everyone()
             started = time.time()
-            if main or stage == "train":
+            if main or stage in ("align", "train"):  # fit trains on every process: both must run it
                 getattr(self, "stage_" + stage.replace("-", "_"))()
             seconds = round(time.time() - started, 1)
             if main:
@@ -351,6 +388,11 @@ class Study:
 
         return on_device(load_speech_llm(self.layout.run_dir(run)))
 
+    def aligned(self) -> Path | None:
+        """The aligned checkpoint every strategy starts from, or None (no align stage: a random adaptor)."""
+        a = self.cfg.align
+        return Path(a.checkpoint) if a.checkpoint else self.layout.align_run if a.recipe else None
+
     def trained(self) -> dict[str, Path]:
         return {name: self.layout.run_dir(name) for name in self.cfg.run_names()}
 
@@ -393,7 +435,13 @@ class Study:
         i = self.cfg.importance
         meta = {"model": spec, "dataset": self.cfg.data.train, "split": "importance", "seed": self.cfg.seed}
         importance_of(
-            model, records[: i.limit], modality=modality, mode=i.mode, batch_size=i.batch_size, meta=meta
+            model,
+            records[: i.limit],
+            modality=modality,
+            mode=i.mode,
+            batch_size=i.batch_size,
+            meta=meta,
+            precision=self.cfg.train.precision,
         ).save(out)
 
     def stage_base_importance(self) -> None:
@@ -408,6 +456,38 @@ class Study:
                     self._map(model, self.cfg.llm, part, "text", self.layout.base_map(name))
                     self.mark_item("base-importance", name)
 
+    def stage_align(self) -> None:
+        """`textkeep align --config RECIPE` into align/run, its arguments parsed as the CLI parses them."""
+        import yaml
+        from jsonargparse import ArgumentParser
+
+        from textkeep.train.align import align
+
+        recipe = self.cfg.align.recipe
+        if recipe is None:
+            return  # a checkpoint made before, or no align stage
+        raw = yaml.safe_load(Path(recipe).read_text()) or {}
+        run = self.layout.align_run
+        raw |= {"out": str(run), "resume": (run / "train_config.json").is_file()}
+        raw.setdefault("model", self.cfg.llm)
+        raw.setdefault("encoder", self.cfg.encoder)
+        raw.setdefault("encoder_policy", self.cfg.encoder_policy)
+        if "data" not in raw:  # the study's own training split, spoken (never its test split)
+            if process_state().is_main_process:
+                rows = ({"id": r.id, "instruction": r.instruction, "response": r.response} for r in self.splits().train)
+                write_text(self.layout.align_data, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+            process_state().wait_for_everyone()
+            raw["data"] = [str(self.layout.align_data)]
+            raw["spoken"] = [str(self.spoken_dir(self.cfg.data.train) / "manifest.jsonl")]
+        parser = ArgumentParser()
+        parser.add_function_arguments(align, as_group=False)
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
+        try:
+            args = instantiate(parser.parse_object(raw))
+        except Exception as e:  # jsonargparse's own message names the key
+            raise TextkeepError(f"align recipe '{recipe}' is not a valid `textkeep align` config: {e}") from None
+        align(**{k: args[k] for k in args.keys()})
+
     def stage_train(self) -> None:
         from textkeep.train.trainer import train
 
@@ -421,7 +501,7 @@ class Study:
         for name, run in self.cfg.run_names().items():
             if name not in todo:
                 continue
-            importance = self.layout.base_map() if run["strategy"] == "layer-lr" else None
+            importance = self.layout.base_map() if run["strategy"] in NEEDS_MAP else None
             cfg = replace(
                 self.cfg.train,
                 strategy=run["strategy"],
@@ -430,7 +510,7 @@ class Study:
                 seed=self.cfg.seed,
             )
             train(
-                model=self.cfg.llm,
+                model=str(self.aligned() or self.cfg.llm),  # every strategy from the same aligned adaptor
                 encoder=self.cfg.encoder,
                 data=str(self.layout.pool),
                 spoken=self.spoken_dir(self.cfg.data.train) / "manifest.jsonl",
@@ -464,7 +544,7 @@ class Study:
 
         lay, a = self.layout, self.cfg.analysis
         base = lay.base_map()
-        strategies = [s for s in ("full", "layer-lr", "lora") if s in self.trained()]
+        strategies = [s for s in self.cfg.strategies if s in self.trained()]  # every strategy, in the config's order
         maps = [base] + [lay.map(s) for s in strategies]
         labels = ["No-FT (base)"] + [label(s) for s in strategies]
         importance_layers(maps, labels, lay.analysis("layers"), by_module=True)
@@ -506,18 +586,27 @@ class Study:
                 scope=a.deactivation_scope,
                 seed=self.cfg.seed,
                 include_norms=a.deactivation_include_norms,
+                precision=self.cfg.train.precision,
             )
             result["model"] = str(lay.run_dir("full"))
             write_deactivation(lay.deactivation.parent, result, label("full"))
 
     def stage_eval(self) -> None:
         from textkeep.eval.qa import evaluate
-        from textkeep.layout import BASE_RUN
+        from textkeep.layout import ALIGNED_RUN, BASE_RUN, CASCADE_RUN
+        from textkeep.model.speech_llm import load_speech_llm
 
         e = self.cfg.eval
-        kw = dict(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, spoken=self.spoken_sets())
+        kw = dict(limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, spoken=self.spoken_sets(),
+                  precision=self.cfg.train.precision)  # fmt: skip
         base = self.base_model(with_encoder=False)
         evaluate(base, e.sets, ["t2t"], self.layout.eval_dir(BASE_RUN), model_name=label(BASE_RUN), **kw)
+        if e.cascade:  # the base LLM's text path reading the study's Whisper's own transcripts
+            cascade = self.base_model(with_encoder=True)
+            evaluate(cascade, e.sets, ["cascade"], self.layout.eval_dir(CASCADE_RUN), model_name=CASCADE_RUN, **kw)
+        if self.aligned() is not None:
+            model = on_device(load_speech_llm(self.aligned()))
+            evaluate(model, e.sets, ["t2t", "s2t"], self.layout.eval_dir(ALIGNED_RUN), model_name=ALIGNED_RUN, **kw)
         for name in self.trained():
             evaluate(
                 self.trained_model(name), e.sets, ["t2t", "s2t"], self.layout.eval_dir(name), model_name=name, **kw

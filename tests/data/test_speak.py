@@ -104,3 +104,15 @@ def test_speak_command_speaks_a_dataset_file(tmp_path, capsys):
     assert [r["text"] for r in read_jsonl(manifest)] == ["Open the door.", "Close the window now."]
     assert {r["voice"] for r in read_jsonl(manifest)} == {"flite:slt"}
     assert capsys.readouterr().out.startswith(f"{manifest}: 2 utterances, ")
+
+
+@needs_flite
+def test_an_item_longer_than_whispers_window_is_refused_or_listed_as_bad(tmp_path, monkeypatch):
+    monkeypatch.setattr(speak_mod, "MAX_SECONDS", 1.0)  # a short sentence lasts more than a second in flite
+    records = [Record(id="ok", instruction="Hi."), Record(id="long", instruction="Tell me a story about a dragon.")]
+    with pytest.raises(TextkeepError, match="'long'.*Whisper hears at most"):
+        speak(records, tmp_path, voices=["flite:slt"])
+    speak(records, tmp_path, voices=["flite:slt"], skip_bad=True)
+    assert [r["id"] for r in read_jsonl(tmp_path / "manifest.jsonl")] == ["ok"]
+    (bad,) = read_jsonl(tmp_path / "bad.jsonl")
+    assert bad["id"] == "long" and "Whisper" in bad["reason"]

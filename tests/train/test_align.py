@@ -244,3 +244,19 @@ def test_a_continued_ctc_head_keeps_its_rows_and_scale_and_adds_the_new_transcri
     assert set(grown.ids.tolist()) == old | new and grown.ids[0] == vocab.ids[0]  # same blank, union of rows
     assert tiny_model.adaptor.ctc_ids.tolist() == grown.ids.tolist()
     assert tiny_model.adaptor.ctc_log_scale.item() == pytest.approx(1.3)
+
+
+def test_utterances_longer_than_whispers_window_are_left_out_and_counted(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    from textkeep.data.records import Record
+    from textkeep.train.align import fitting_window
+
+    records = []
+    for i, seconds in enumerate((1.0, 31.0, 29.5)):
+        path = tmp_path / f"u{i}.wav"
+        sf.write(path, np.zeros(int(16000 * seconds), dtype=np.float32), 16000)
+        records.append(Record(id=f"u{i}", instruction="hello", audio=str(path)))
+    assert [r.id for r in fitting_window(records)] == ["u0", "u2"]
+    assert "left out 1 utterances longer than Whisper's 30 s window" in capsys.readouterr().out

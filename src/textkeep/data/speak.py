@@ -31,6 +31,7 @@ from textkeep.fileio import atomic_path, write_text
 
 DEFAULT_VOICES = ("piper:joe", "flite:kal", "flite:slt", "flite:awb", "flite:rms")
 MANIFEST, BAD = "manifest.jsonl", "bad.jsonl"
+MAX_SECONDS = 30  # Whisper's encoder window
 # Synthesis is ONNX inference or a flite/espeak-ng subprocess, both outside the GIL, so threads give
 # real parallelism without a second copy of the model (2 threads ~1.5-2x one on 2 cores, see bench_tts).
 WORKERS = min(2, os.cpu_count() or 1)
@@ -100,9 +101,15 @@ def _is_done(row: dict | None, rec: Record, voice: str, out_dir: Path) -> bool:
 def _try(job: tuple[Record, str]) -> np.ndarray | TextkeepError:
     rec, voice = job
     try:
-        return synthesize(rec.instruction, voice)
+        audio = synthesize(rec.instruction, voice)
     except TextkeepError as e:
         return e
+    if len(audio) > MAX_SECONDS * SAMPLE_RATE:  # Whisper's window: such an item could never be heard whole
+        return TextkeepError(
+            f"spoken, it lasts {len(audio) / SAMPLE_RATE:.1f} s, and Whisper hears at most {MAX_SECONDS} s; "
+            "lower --max_query_words or drop the item"
+        )
+    return audio
 
 
 def _in_order(fn: Callable, jobs: Iterable, workers: int) -> Iterator[tuple]:

@@ -85,14 +85,18 @@ def evaluate(
     model_name: str = "",
     show: bool = False,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict:
     from tqdm.auto import tqdm
 
     from textkeep.data.samples import length_grouped_batches, make_samples
+    from textkeep.runtime import autocast
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": model_name, "max_new_tokens": max_new_tokens, "decoding": "greedy", "limit": limit}
+    if precision != "fp32":  # (fp32 folders written before the setting existed stay valid)
+        settings["precision"] = precision
     run_file = out / "run.json"
     if run_file.is_file() and json.loads(run_file.read_text()) != settings:
         raise TextkeepError(
@@ -117,7 +121,8 @@ def evaluate(
                     samples = make_samples(speech_llm, todo, MODES[mode], with_response=False, progress=progress)
                     bar = tqdm(total=len(todo), desc=f"{set_name} {mode}", unit="q", disable=not progress)
                     for idx in length_grouped_batches(samples, batch_size, speech_llm.config.adaptor_k):
-                        answers = speech_llm.generate([samples[i] for i in idx], max_new_tokens=max_new_tokens)
+                        with autocast(precision, speech_llm.device):
+                            answers = speech_llm.generate([samples[i] for i in idx], max_new_tokens=max_new_tokens)
                         for i, prediction in zip(idx, answers):
                             r = todo[i]
                             row = {
@@ -186,6 +191,7 @@ def eval_qa(
     encoder: str = "whisper-base",
     spoken: dict[str, str] | None = None,
     show: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     """Spoken-QA accuracy, text-to-text (t2t) and speech-to-text (s2t), with 95% intervals.
 
@@ -201,6 +207,7 @@ def eval_qa(
         encoder: the Whisper encoder when `model` is an LLM and s2t is asked for.
         spoken: set name → TTS manifest for sets without recorded speech (default: the cache's spoken/<set>/).
         show: print every question, answer and verdict.
+        precision: fp32, bf16 (generation under bf16 autocast) or auto (bf16 on a GPU, fp32 on a CPU).
     """
     from textkeep.model.speech_llm import load_speech_llm
     from textkeep.runtime import on_device
@@ -219,6 +226,7 @@ def eval_qa(
         spoken=spoken,
         model_name=model,
         show=show,
+        precision=precision,
     )
     print(results_table({model: metrics["results"]}))
     for scorer in ("has_answer", "contains"):

@@ -45,6 +45,7 @@ from textkeep.data.samples import length_grouped_batches
 from textkeep.errors import TextkeepError
 from textkeep.importance.maps import ImportanceMap, decoder_layers
 from textkeep.model.speech_llm import LossModule, is_peft
+from textkeep.runtime import autocast
 
 MODES = ("paper", "abs", "fisher")
 SPLITS = ("importance", "train", "test", "all")
@@ -110,6 +111,7 @@ def compute_importance(
     progress: bool = True,
     accelerator=None,
     sharded_loss=None,
+    precision: str = "fp32",
 ) -> ImportanceMap:
     """Score every parameter of `model.llm` on `samples` (text or speech `Sample`s with responses).
 
@@ -118,6 +120,8 @@ def compute_importance(
     already be on the process's device. DDP is unnecessary. Under FSDP2 pass `sharded_loss`, the sharded
     `LossModule(model)` (`importance_compute` gets it from `accelerator.prepare`); only `paper` mode is
     possible there (see the module docstring). A NaN/inf loss raises a TextkeepError naming the batch's sample ids.
+    `precision` (fp32, bf16, auto: TrainConfig's) runs the forward under bf16 autocast; the weights, their gradients
+    and the map stay fp32.
     """
     from tqdm.auto import tqdm
 
@@ -186,7 +190,8 @@ def compute_importance(
                     loss, _ = sharded_loss(model.tokenize(mine[0] or batches[0]))
                     (loss * 0).backward()
                     continue
-                loss, n = (sharded_loss if sharded else model.loss_sum)(model.tokenize(batch))
+                with autocast(precision, model.device):
+                    loss, n = (sharded_loss if sharded else model.loss_sum)(model.tokenize(batch))
                 if not torch.isfinite(loss):
                     ids = ", ".join(s.id or "?" for s in batch)
                     raise TextkeepError(
@@ -260,6 +265,7 @@ def importance_of(
     meta: dict | None = None,
     accelerator=None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> ImportanceMap:
     """The map of `model` on `records` (their transcripts, or their audio for modality speech): the one code path of
     `textkeep importance compute` and the study's importance stages. `meta`: provenance stored with the map
@@ -281,8 +287,9 @@ def importance_of(
         accelerator=accelerator,
         sharded_loss=sharded_loss,
         progress=progress,
+        precision=precision,
     )
-    imap.meta |= {**(meta or {}), "modality": modality}
+    imap.meta |= {**(meta or {}), "modality": modality, "precision": precision}
     return imap
 
 
@@ -299,6 +306,7 @@ def importance_compute(
     seed: int = 0,
     encoder: str = "whisper-base",
     spoken: Path | None = None,
+    precision: str = "fp32",
 ) -> Path:
     """Compute a parameter-importance map (paper Eq. 2) of an LLM on a data set and write it to `out`.
 
@@ -317,6 +325,8 @@ def importance_compute(
         encoder: the Whisper encoder to use when `model` is an LLM and modality is `speech`.
         spoken: a TTS manifest (`textkeep speak`) giving the records their audio when the data set has none; with
             modality `speech` only the split's records that have audio are scored.
+        precision: fp32, bf16 (the forward under bf16 autocast; gradients and the map stay fp32) or auto (bf16 on
+            a GPU, fp32 on a CPU).
     """
     import warnings
 
@@ -367,6 +377,7 @@ def importance_compute(
         meta=meta,
         accelerator=accelerator,
         progress=accelerator.is_main_process,
+        precision=precision,
     )
     seconds = time.perf_counter() - started
     if accelerator.is_main_process:

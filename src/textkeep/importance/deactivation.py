@@ -131,6 +131,7 @@ def _measure(
     seed: int,
     batch_size: int,
     include_norms: bool,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, dict]]:
     """{input: {condition: the `perplexity` result with per-example sums}} for base, top, bottom and random: the one
     measurement behind `deactivation_table` and `deactivate`."""
@@ -142,7 +143,7 @@ def _measure(
     shapes = scope_names(model.llm, include_embeddings, include_norms)
 
     def measure(samples):
-        return perplexity(model, samples, batch_size, per_example=True)
+        return perplexity(model, samples, batch_size, per_example=True, precision=precision)
 
     runs = {name: {"base": measure(samples)} for name, samples in samples_by_input.items()}
     for condition in CONDITIONS:
@@ -230,6 +231,7 @@ def deactivate(
     include_norms: bool = True,
     limit: int | None = None,
     batch_size: int = 8,
+    precision: str = "fp32",
 ) -> dict:
     """Table 1 for one model: measure perplexity with nothing, the top, the bottom and a random `percent`% removed.
 
@@ -242,6 +244,7 @@ def deactivate(
         percent, scope, seed, include_norms: as `importance_deactivate`.
         limit: measure only the first `limit` records (None or 0: all).
         batch_size: examples per forward.
+        precision: fp32, bf16 (bf16 autocast; losses summed in fp32) or auto.
 
     Returns the JSON-able result that `write_deactivation` writes: "table" ({input: {"base", "top", "bottom",
     "random": perplexity}}), "per_example" ({input: {condition: {"losses": [...], "n_tokens": [...]}}}: each
@@ -255,7 +258,7 @@ def deactivate(
     started = time.time()
     records = list(records[:limit] if limit else records)
     samples = {i: make_samples(model, records, i) for i in wanted}
-    runs = _measure(model, map, samples, percent, scope, False, seed, batch_size, include_norms)
+    runs = _measure(model, map, samples, percent, scope, False, seed, batch_size, include_norms, precision)
     shapes = scope_names(model.llm, include_norms=include_norms)
     return jsonable(
         {
@@ -267,6 +270,7 @@ def deactivate(
             "percent": percent,
             "scope": scope,
             "include_norms": include_norms,
+            "precision": precision,
             "seed": seed,
             "n_scope_parameters": sum(math.prod(s) for s in shapes.values()),
             "n_deactivated": n_deactivated(shapes, percent, scope),
@@ -300,6 +304,7 @@ def importance_deactivate(
     seed: int = 0,
     spoken: Path | None = None,
     include_norms: bool = True,
+    precision: str = "fp32",
 ) -> Path:
     """Validate an importance map (paper Table 1): perplexity of reference responses after zeroing the top, the
     bottom and a random `percent`% of the LLM's parameters, with text and with speech inputs.
@@ -323,6 +328,7 @@ def importance_deactivate(
         include_norms: also zero entries of the decoder layers' norm weights (the default: every tensor in the layers).
             A norm weight's entry scales one channel for every token, so zeroing even its least important entries
             removes whole channels; --include-norms false keeps to the weight matrices.
+        precision: fp32, bf16 (bf16 autocast; losses summed in fp32) or auto (bf16 on a GPU, fp32 on a CPU).
     """
     from textkeep.data.datasets import load_dataset, spoken_records
     from textkeep.data.splits import make_splits
@@ -342,7 +348,9 @@ def importance_deactivate(
     if split != "all":
         records = getattr(make_splits(records, seed=seed), split)
     records = spoken_records(records, spoken, "speech" in wanted, f"'{split}' records of '{data}'")
-    result = deactivate(speech_llm, map, records, wanted, percent, scope, seed, include_norms, limit)
+    result = deactivate(
+        speech_llm, map, records, wanted, percent, scope, seed, include_norms, limit, precision=precision
+    )
     # The command's own provenance, beside what `deactivate` reports.
     result |= {
         "model": model,

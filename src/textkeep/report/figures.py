@@ -128,3 +128,62 @@ def save_panels(panels: dict[str, dict[str, dict]], out: Path, stem: str, title:
     """A heatmap grid as stem.png/.svg/.json (the panels' numbers added to `numbers`) and stem_images.npz."""
     save_figure(plot_panels(panels, title, colour_label), out / stem, {**numbers, "panels": panel_numbers(panels)})
     save_npz(out / f"{stem}_images.npz", panel_images(panels))
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The labels of the points that no other point dominates (at least as good on both axes and better on one),
+    ordered by the first axis: the trade-off's frontier, higher being better on both."""
+    front = [
+        a
+        for a, (x, y) in points.items()
+        if not any(u >= x and v >= y and (u > x or v > y) for b, (u, v) in points.items() if b != a)
+    ]
+    return sorted(front, key=lambda a: points[a])
+
+
+def plot_tradeoff(panels: dict[str, dict[str, dict]]):
+    """Text kept against speech gained: one panel per QA set, one point per model at (T2T, S2T) accuracy with its
+    95% intervals as bars, and the Pareto frontier as a line. panels: set title → label → {"t2t": (acc, lo, hi),
+    "s2t": (acc, lo, hi)}, accuracies as fractions."""
+    fig = _figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    for ax, (title, rows) in zip(axes, panels.items()):
+        for label, r in rows.items():
+            (x, x0, x1), (y, y0, y1) = (100 * np.asarray(r["t2t"]), 100 * np.asarray(r["s2t"]))
+            ax.errorbar(x, y, xerr=[[x - x0], [x1 - x]], yerr=[[y - y0], [y1 - y]], fmt="o", capsize=3, label=label)
+        front = pareto_front({k: (r["t2t"][0], r["s2t"][0]) for k, r in rows.items()})
+        if len(front) > 1:
+            ax.plot([100 * rows[k]["t2t"][0] for k in front], [100 * rows[k]["s2t"][0] for k in front], "k--",
+                    lw=1, alpha=0.6, label="Pareto frontier")  # fmt: skip
+        ax.set_xlabel("T2T accuracy (%): text kept")
+        ax.set_ylabel("S2T accuracy (%): speech gained")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    return fig
+
+
+def plot_align_curve(rows: list[dict]):
+    """The align stage's learning curve (its curve.jsonl): held-out S2T against examples seen, the frozen LLM's T2T
+    on the same questions as the reference line, and the CTC head's word error rate where it has one."""
+    fig = _figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    x = [r["examples"] for r in rows]
+    ax.plot(x, [100 * r["s2t"] for r in rows], marker="o", label="held-out S2T")
+    ax.plot(x, [100 * r["t2t"] for r in rows], "k--", lw=1, label="T2T, the frozen LLM (reference)")
+    for key, name in (("ctc_t2t", "T2T on what the CTC head heard"),):
+        if any(key in r for r in rows):
+            ax.plot([r["examples"] for r in rows if key in r], [100 * r[key] for r in rows if key in r], marker="s",
+                    label=name)  # fmt: skip
+    ax.set_xlabel("training examples seen")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    if any("ctc_wer" in r for r in rows):
+        wer = ax.twinx()
+        wer.plot([r["examples"] for r in rows if "ctc_wer" in r], [100 * r["ctc_wer"] for r in rows if "ctc_wer" in r],
+                 color="tab:red", marker="^", label="CTC WER (right axis)")  # fmt: skip
+        wer.set_ylabel("CTC word error rate (%)")
+        wer.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title("Alignment (LLM frozen): what the adaptor makes the LLM understand")
+    return fig

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from textkeep.fileio import write_json, write_text
-from textkeep.layout import BASE_RUN, STAGES, StudyLayout, label
+from textkeep.layout import ALIGNED_RUN, BASE_RUN, CASCADE_RUN, STAGES, StudyLayout, label
 from textkeep.report import verdicts as V
 
 # The paper's own numbers (LLaMA-3.2-1B / LLaMA-3.1-8B), shown beside ours, always labelled as the paper's.
@@ -37,7 +37,7 @@ PAPER_TABLE2 = {  # LQ T2T, LQ S2T, WQ T2T, WQ S2T
 }
 PAPER_TABLE3 = {8: [81.3, 74.7, 56.3, 41.7], 16: [81.0, 75.0, 56.7, 42.9], 24: [79.3, 75.3, 54.7, 40.1]}  # 8B
 # Fig 1, Table 1, Fig 2 and the shift (§2); Table 2, Fig 3, Fig 4, Table 3 (§3); then the combined layer figures.
-PAPER_ORDER = ["fig1", "table1", "fig2", "shift", "table2", "fig3", "fig4", "table3", "layers"]
+PAPER_ORDER = ["fig1", "table1", "fig2", "shift", "align", "table2", "tradeoff", "fig3", "fig4", "table3", "layers"]
 COLUMNS = [("llama-questions", "t2t"), ("llama-questions", "s2t"), ("web-questions", "t2t"), ("web-questions", "s2t")]
 COLUMN_TITLES = ["Llama Q T2T", "Llama Q S2T", "Web Q T2T", "Web Q S2T"]
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -97,8 +97,18 @@ def write_report(layout: StudyLayout, cfg) -> Path:
     verdicts: list[tuple[str, str, str]] = []
 
     # ---- Table 2 (and No-FT) ----
-    table2_runs = [BASE_RUN] + [n for n in ("full", "layer-lr", "lora") if n in runs]
+    # No-FT, the cascade reference and the aligned (LLM-frozen) model, then the strategies: the paper's and beyond.
+    table2_runs = [BASE_RUN, CASCADE_RUN, ALIGNED_RUN] + [n for n in cfg.strategies if n in runs]
     metrics = {n: m for n in table2_runs if (m := _read(layout.eval_dir(n) / "metrics.json"))}
+    if CASCADE_RUN in metrics:  # its S2T is the cascade's; its T2T the base LLM's, whose text path it is
+        base = metrics.get(BASE_RUN, {}).get("results", {})
+        cascade = metrics[CASCADE_RUN]["results"]
+        rows = {}
+        for s, r in cascade.items():
+            if "cascade" in r:
+                rows[s] = {"s2t": r["cascade"], **({"t2t": base[s]["t2t"]} if "t2t" in base.get(s, {}) else {})}
+        metrics[CASCADE_RUN] = {"results": rows}
+    table2_runs = [n for n in table2_runs if n in metrics or n not in (CASCADE_RUN, ALIGNED_RUN)]
     results["table2"] = {n: m["results"] for n, m in metrics.items()}
     rows = [[label(n)] + [_acc_cell(metrics.get(n), s, m)[0] for s, m in COLUMNS] for n in table2_runs]
     for size, table in PAPER_TABLE2.items():
@@ -111,6 +121,44 @@ def write_report(layout: StudyLayout, cfg) -> Path:
         + "<p class='note'>Ours: has_answer scorer, 95% bootstrap interval in brackets. Rows in italics are the "
         "paper's numbers for LLaMA-3.2-1B and LLaMA-3.1-8B, not ours.</p>"
     )
+
+    # ---- the align stage's learning curve ----
+    curve = layout.align_run / "curve.jsonl"
+    if curve.is_file() and (rows := [json.loads(x) for x in curve.read_text().splitlines() if x.strip()]):
+        from textkeep.report.figures import plot_align_curve, save_figure
+
+        stem = layout.stage("report") / "align_curve"
+        save_figure(plot_align_curve(rows), stem, {"curve": rows})
+        sections["align"] = (
+            "<h2>The align stage · held-out S2T as the adaptor learns (LLM frozen)</h2>"
+            + _img(stem.with_name("align_curve.png"))
+            + "<p class='note'>Held-out questions of the alignment data, never trained on; the dashed line is the "
+            "same frozen LLM reading their transcripts. Not in the paper: LLaMA-Omni aligns and fine-tunes at once.</p>"
+        )
+
+    # ---- the trade-off scatter: every row's T2T against its S2T, with the Pareto frontier ----
+    panels = {}
+    for s, title in (("llama-questions", "LLaMA Questions"), ("web-questions", "Web Questions")):
+        rows = {}
+        for n in table2_runs + [r for r in runs if r not in table2_runs]:
+            cells = {m: _acc_cell(metrics.get(n) or _read(layout.eval_dir(n) / "metrics.json"), s, m)[1]
+                     for m in ("t2t", "s2t")}  # fmt: skip
+            if all(cells.values()):
+                rows[label(n)] = {m: (c["accuracy"], *c["ci95"]) for m, c in cells.items()}
+        if rows:
+            panels[title] = rows
+    if panels:
+        from textkeep.report.figures import plot_tradeoff, save_figure
+
+        stem = layout.stage("report") / "tradeoff"
+        save_figure(plot_tradeoff(panels), stem, panels)
+        results["tradeoff"] = panels
+        sections["tradeoff"] = (
+            "<h2>The trade-off · text kept against speech gained</h2>"
+            + _img(stem.with_name("tradeoff.png"))
+            + "<p class='note'>Each model's T2T and S2T accuracy with 95% bootstrap intervals; the dashed line joins "
+            "the models no other beats on both.</p>"
+        )
 
     # ---- Table 3 (rank ablation) ----
     rank_runs = {r: ("lora" if r == cfg.train.lora_rank and "lora" in runs else f"lora-r{r}") for r in cfg.lora_ranks}

@@ -440,6 +440,21 @@ def ctc_vocabulary(model, records, training_ctc: bool) -> CtcVocab | None:
     return vocab
 
 
+def fitting_window(records, max_seconds: float = 30.0):
+    """The records whose audio fits Whisper's 30 s window; the others are left out of training and counted (a
+    TTS set has a few over-long items; a recorded one that is mostly too long is better cut into clips)."""
+    import soundfile as sf
+
+    kept = [
+        r for r in records if r.audio is None or not Path(r.audio).is_file() or sf.info(r.audio).duration <= max_seconds
+    ]
+    if len(kept) < len(records):
+        print(
+            f"[align] left out {len(records) - len(kept)} utterances longer than Whisper's {max_seconds:.0f} s window"
+        )
+    return kept
+
+
 def split_heldout(records, n: int, seed: int):
     """(train, held-out): `n` records with gold answers drawn by a seeded permutation; never trained on."""
     import numpy as np
@@ -511,7 +526,7 @@ def align(
         speech_llm.config.adaptor_output_scale = speech_llm.adaptor.output_scale = embedding_rms(speech_llm.llm)
     records = [r for d, m in zip(data, spoken) for r in _training_records(d, m, None, None)]
     records, held = split_heldout(records, heldout, train.seed)
-    records = records[:limit] if limit else records
+    records = fitting_window(records[:limit] if limit else records)
     out = Path(out)
     state = PartialState()
     speech_llm.to(state.device)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from textkeep.errors import TextkeepError
 
-STRATEGIES = ("full", "layer-lr", "lora", "adaptor")
+STRATEGIES = ("full", "layer-lr", "lora", "adaptor", "masked", "anchor", "layer-lr+lora", "kd-text")
+NEEDS_MAP = ("layer-lr", "layer-lr+lora", "masked", "anchor")  # read the pre-trained LLM's textual importance map
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -53,9 +54,13 @@ class TrainConfig:
 
     strategy: str = "full"
     """full (adaptor + whole LLM), layer-lr (Eq. 3 per-layer rates), lora (LoRA on all attention and MLP
-    projections + adaptor) or adaptor (the adaptor alone, the LLM frozen: what `textkeep align` trains)."""
+    projections + adaptor), adaptor (the adaptor alone, the LLM frozen: what `textkeep align` trains), or beyond
+    the paper (train/guarded.py): masked (the most text-important entries frozen), anchor (an importance-weighted
+    pull to the base weights), layer-lr+lora (Eq. 3's scales on each layer's LoRA) or kd-text (Full-FT plus
+    self-distillation of the text path)."""
     importance: Path | None = None
-    """layer-lr: the pre-trained LLM's textual importance map directory (`textkeep importance compute`)."""
+    """layer-lr, layer-lr+lora, masked, anchor: the pre-trained LLM's textual importance map directory
+    (`textkeep importance compute`)."""
     lam: float = 0.4
     """layer-lr: λ of Eq. 3, in [0, 1]; the most important layer trains at (1 − λ)·lr. Embeddings, final norm, head
     and adaptor keep lr."""
@@ -65,6 +70,14 @@ class TrainConfig:
     """LoRA α; unset = 2r, as the paper."""
     lora_dropout: float = 0.05
     """dropout on the LoRA input (PEFT's usual 0.05; the paper does not say)."""
+    mask_top: float = 0.05
+    """masked: the fraction of each tensor's entries, the most important by the map, that receive no update."""
+    anchor_strength: float = 1.0
+    """anchor: s in s·Σ w (θ − θ⁰)², with w the map divided by its mean over the LLM."""
+    kd_text_weight: float = 1.0
+    """kd-text: the weight of the text path's KL to the frozen base, against the speech cross-entropy."""
+    kd_text_temperature: float = 1.0
+    """kd-text: the distillation temperature T (the term is T²·KL)."""
     lr: float = 2e-5
     """peak learning rate."""
     epochs: float = 3
@@ -116,7 +129,14 @@ class TrainConfig:
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1 or unset, got {self.max_steps}.")
         need(self.save_every >= 1, f"save_every must be ≥ 1 step, got {self.save_every}.")
         need(self.adaptor_warmup_steps >= 0, f"adaptor_warmup_steps must be ≥ 0, got {self.adaptor_warmup_steps}.")
-        if self.strategy == "layer-lr":
+        need(0.0 < self.mask_top < 1.0, f"mask_top must be in (0, 1), got {self.mask_top}.")
+        for name in ("anchor_strength", "kd_text_weight", "kd_text_temperature"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}.")
+        if self.strategy in NEEDS_MAP:
             fix = "compute the pre-trained LLM's textual importance map with `textkeep importance compute` first"
-            need(self.importance is not None, f"strategy 'layer-lr' needs importance (--train.importance DIR); {fix}.")
+            need(
+                self.importance is not None,
+                f"strategy '{self.strategy}' needs importance (--train.importance DIR); {fix}.",
+            )
             need(Path(self.importance).is_dir(), f"importance map directory '{self.importance}' does not exist; {fix}.")

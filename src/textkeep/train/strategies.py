@@ -7,6 +7,8 @@ layer-lr  as full, but decoder layer i at lr·(1 − λ·(I_i − min I)/(max I 
 lora      PEFT LoRA (rank r, α = 2r) on q/k/v/o/gate/up/down_proj of every decoder layer; the adaptor is trained fully
           and everything else is frozen.
 adaptor   the adaptor alone; the LLM is frozen (no weight gradients), so text-to-text is unchanged by construction.
+layer-lr+lora  as lora, but the LoRA parameters of decoder layer i train at lr·scale_i (Eq. 3's scales): the
+          paper's two mitigations combined (beyond the paper; the others are in guarded.py).
 """
 
 from __future__ import annotations
@@ -72,13 +74,16 @@ def param_groups(model, strategy: str, base_lr: float, scales: list[float] | Non
     """AdamW groups over the parameters that require grad: `adaptor`, `llm`, and for layer-lr one `layer.i` per
     decoder layer."""
     check_strategy(strategy)
-    if strategy == "layer-lr" and scales is None:
-        raise TextkeepError("strategy 'layer-lr' needs the per-layer scales (layer_lr_scales of the importance map).")
+    per_layer = strategy in ("layer-lr", "layer-lr+lora")
+    if per_layer and scales is None:
+        raise TextkeepError(
+            f"strategy '{strategy}' needs the per-layer scales (layer_lr_scales of the importance map)."
+        )
     groups: dict[str, list] = {"adaptor": [p for p in model.adaptor.parameters() if p.requires_grad]}
     where = {"layer_prefix": decoder_layers(model.llm)[0]}
     for name, p in model.llm.named_parameters():
         if p.requires_grad:
-            i = layer_index(name, where) if strategy == "layer-lr" else None
+            i = layer_index(name, where) if per_layer else None
             groups.setdefault("llm" if i is None else f"layer.{i}", []).append(p)
     out = []
     for key, params in groups.items():

@@ -1,6 +1,6 @@
 """Stage-1 training as in LLaMA-Omni: frozen Whisper encoder; adaptor + LLM learn spoken instruction → text response.
 
-    train(model=LLM or checkpoint, data=..., strategy=full|layer-lr|lora, out=DIR)
+    train(model=LLM or checkpoint, data=..., strategy=full|layer-lr|lora|masked|anchor|layer-lr+lora|kd-text, out=DIR)
 
 A run directory DIR holds:
     model/                the final SpeechLLM checkpoint (a LoRA adapter for lora, the full LLM otherwise)
@@ -40,6 +40,7 @@ from textkeep.fileio import atomic_dir, write_json, write_text
 from textkeep.model.speech_llm import is_peft
 from textkeep.runtime import precision_of
 from textkeep.train.config import TrainConfig
+from textkeep.train.guarded import KdTextObjective, make_guard
 from textkeep.train.strategies import apply_lora, layer_lr_scales, param_groups, read_layer_importance
 
 MAX_GRAD_NORM = 1.0  # HF Trainer's default, which LLaMA-Omni's Stage 1 inherits (as weight decay 0 and AdamW's betas)
@@ -131,9 +132,17 @@ class _Stream:
 # ---- the loop ----------------------------------------------------------------------------------------------------
 
 
+def _transcripts(data) -> dict[str, str]:
+    """id → transcript of spoken training examples (kd-text's text path)."""
+    records = getattr(data, "records", None)
+    if records is None:
+        raise TextkeepError("strategy 'kd-text' trains on spoken examples with transcripts; this data has none.")
+    return {r.id: r.instruction for r in records if r.instruction}
+
+
 def layer_scales(model, cfg: TrainConfig) -> list[float] | None:
     """Eq. 3 scales from the map (layer-lr), after checking the map belongs to this LLM; None for other strategies."""
-    if cfg.strategy != "layer-lr":
+    if cfg.strategy not in ("layer-lr", "layer-lr+lora"):
         return None
     llm = model.llm.get_base_model() if is_peft(model.llm) else model.llm
     return layer_lr_scales(read_layer_importance(cfg.importance, llm), cfg.lam)
@@ -226,7 +235,7 @@ def fit(
             enable({"use_reentrant": False})
         else:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.strategy == "lora":
+    if cfg.strategy in ("lora", "layer-lr+lora"):
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     elif cfg.strategy == "adaptor":  # the LLM frozen: no weight gradients, its activations still carry them
         model.llm.requires_grad_(False)
@@ -238,6 +247,9 @@ def fit(
     if model.encoder is not None:
         model.encoder.eval()
 
+    guard = make_guard(model, cfg)  # masked/anchor: from the base weights, so before a resumed run's are loaded
+    if objective is None and cfg.strategy == "kd-text":
+        objective = KdTextObjective(model, _transcripts(data), cfg.kd_text_weight, cfg.kd_text_temperature)
     ckpt = _last_checkpoint(out) if resume else None
     if ckpt is not None:
         _load_weights(model, ckpt)  # before prepare: DDP copies rank 0's weights to the others there
@@ -293,6 +305,7 @@ def fit(
             loss, n_tokens, n_examples = _accumulate(
                 accelerator, wrapper, objective, data, batches, cfg.grad_accum, step + 1, out, cpu_bf16
             )
+            guarded = guard.before_step() if guard is not None else {}
             grad_norm = float(accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM))
             if not math.isfinite(grad_norm):
                 raise _stop(f"gradient norm is {grad_norm}", step + 1, [i for b in batches for i in b], data, out)
@@ -313,6 +326,8 @@ def fit(
             }
             if hasattr(objective, "parts"):  # the objective's own terms, averaged over the step
                 row["parts"] = objective.parts()
+            if guarded:
+                row["parts"] = {**row.get("parts", {}), **guarded}
             if main:
                 _log(out, writer, row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", ex_s=f"{row['examples_per_s']:.1f}")
@@ -335,7 +350,8 @@ def fit(
         "train_dir": str(out),
     }
     if main:
-        weights = {"lora": "lora", "adaptor": "base"}.get(cfg.strategy, "full")  # a frozen LLM is not copied
+        # LoRA runs save their adapter; a frozen LLM is not copied
+        weights = {"lora": "lora", "layer-lr+lora": "lora", "adaptor": "base"}.get(cfg.strategy, "full")
         model.save(out / "model", llm_weights=weights)
     accelerator.wait_for_everyone()
     return out
@@ -623,7 +639,7 @@ def _load_model(name: str, encoder: str, strategy: str, seed: int, encoder_polic
         raise TextkeepError(
             f"checkpoint '{name}' has no speech encoder; training needs one (build from an LLM with --encoder)."
         )
-    if kind == "full" and strategy == "lora":
+    if kind == "full" and strategy in ("lora", "layer-lr+lora"):
         model.config.llm = str((ckpt / "llm").resolve())  # the LoRA checkpoint's base is this LLM, not the original one
     return model
 
