@@ -28,10 +28,10 @@ from textkeep.data.tts import SAMPLE_RATE, get_voice, synthesize
 from textkeep.errors import TextkeepError
 from textkeep.eval.qa import spoken_manifest
 from textkeep.fileio import atomic_path, write_text
+from textkeep.model.audio import MAX_SECONDS  # Whisper's window, one owner
 
 DEFAULT_VOICES = ("piper:joe", "flite:kal", "flite:slt", "flite:awb", "flite:rms")
 MANIFEST, BAD = "manifest.jsonl", "bad.jsonl"
-MAX_SECONDS = 30  # Whisper's encoder window
 # Synthesis is ONNX inference or a flite/espeak-ng subprocess, both outside the GIL, so threads give
 # real parallelism without a second copy of the model (2 threads ~1.5-2x one on 2 cores, see bench_tts).
 WORKERS = min(2, os.cpu_count() or 1)
@@ -106,7 +106,7 @@ def _try(job: tuple[Record, str]) -> np.ndarray | TextkeepError:
         return e
     if len(audio) > MAX_SECONDS * SAMPLE_RATE:  # Whisper's window: such an item could never be heard whole
         return TextkeepError(
-            f"spoken, it lasts {len(audio) / SAMPLE_RATE:.1f} s, and Whisper hears at most {MAX_SECONDS} s; "
+            f"spoken, it lasts {len(audio) / SAMPLE_RATE:.1f} s, and Whisper hears at most {MAX_SECONDS:.0f} s; "
             "lower --max_query_words or drop the item"
         )
     return audio

@@ -32,6 +32,7 @@ from torch import nn
 from textkeep.errors import TextkeepError
 from textkeep.eval.scoring import word_error_rate
 from textkeep.fileio import write_json, write_text
+from textkeep.model.audio import MAX_SECONDS
 from textkeep.train.config import TrainConfig
 from textkeep.train.objectives import OBJECTIVES, CtcVocab, ctc_greedy, ctc_logits, ctc_loss, hidden_loss, kd_loss
 
@@ -440,7 +441,7 @@ def ctc_vocabulary(model, records, training_ctc: bool) -> CtcVocab | None:
     return vocab
 
 
-def fitting_window(records, max_seconds: float = 30.0):
+def fitting_window(records, max_seconds: float = MAX_SECONDS):
     """The records whose audio fits Whisper's 30 s window; the others are left out of training and counted (a
     TTS set has a few over-long items; a recorded one that is mostly too long is better cut into clips)."""
     import soundfile as sf
