@@ -3,6 +3,7 @@
     python benchmarks/bench_importance.py                      # CPU: SmolLM2-135M's shape cut to 2 layers, fp32
     python benchmarks/bench_importance.py --layers 0           # ... all 30 layers (slow on 2 cores)
     python benchmarks/bench_importance.py --pretrained         # the real smollm2-135m-instruct weights
+    python benchmarks/bench_importance.py --pretrained --precision bf16   # ... both passes under bf16 autocast
     python benchmarks/bench_importance.py --device cuda --shape llama-3.2-1b --marginal
                                                                # random-init bf16 (or llama-3.1-8b)
 
@@ -102,13 +103,16 @@ def load_samples(args, model):
     return [Sample(text=text(10, 60), response=text(40, 200), id=f"syn{i}") for i in range(args.n)]
 
 
-def plain_pass(model, samples, batch_size):
+def plain_pass(model, samples, batch_size, precision="fp32"):
     """What training costs per step without an optimizer: forward, backward, gradients summed in .grad."""
+    from textkeep.runtime import autocast
+
     model.requires_grad_(False)
     model.llm.requires_grad_(True)
     model.eval()
     for b in length_grouped_batches(samples, batch_size, model.config.adaptor_k):
-        loss, n = model.loss_sum(model.tokenize([samples[i] for i in b]))
+        with autocast(precision, model.device):
+            loss, n = model.loss_sum(model.tokenize([samples[i] for i in b]))
         loss.backward()
     return [p.grad for p in model.llm.parameters()]  # held until measured, like the importance map
 
@@ -154,9 +158,16 @@ def run(kind, model, samples, args, peak=None):
     with peak or contextlib.nullcontext():
         started, cpu_started = time.perf_counter(), time.process_time()
         out = (
-            plain_pass(model, samples, args.batch_size)
+            plain_pass(model, samples, args.batch_size, getattr(args, "precision", "fp32"))
             if kind == "plain"
-            else compute_importance(model, samples, mode=kind, batch_size=args.batch_size, progress=False)
+            else compute_importance(
+                model,
+                samples,
+                mode=kind,
+                batch_size=args.batch_size,
+                progress=False,
+                precision=getattr(args, "precision", "fp32"),
+            )  # fmt: skip
         )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -177,6 +188,12 @@ def main():
         help="decoder layers (default: 2 on CPU, the shape's on GPU; 0 = the shape's)",
     )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: both passes under bf16 autocast (fp32 weights)",
+    )
     p.add_argument(
         "--pretrained", action="store_true", help="the real smollm2-135m-instruct instead of a random-init shape"
     )

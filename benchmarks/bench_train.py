@@ -10,15 +10,21 @@ Side by side in one run, on the same N spoken instructions and the same model (f
 - LLaMA-Omni style (written here): every clip padded to 30 s and run through the encoder at every step, all 1500 frames
   kept (300 speech embeddings, keep_padding), random batches with no length grouping, the HF forward computing logits
   at every position.
-Then, for each precision (fp32, bf16) and strategy (the paper's full, layer-lr, lora and those beyond it: masked,
-anchor, layer-lr+lora, kd-text), seconds per optimizer step (B × grad_accum examples) via `train()`, tokens/s over
-every position the LLM runs, and the fraction of this machine's training limit: 6 FLOPs per LLM parameter per token
-at the bf16 matmul peak measured in the same run (a 2048² matmul). The strategies that read a map get a seeded
-random placeholder map with the model's parameter names (timing does not depend on its values). The memory that
-masked and anchor hold beyond Full-FT is counted from their tensors, against one fp32 copy of the LLM.
+Then, for each variant (a precision with options, below) and strategy (the paper's full, layer-lr, lora and those
+beyond it: masked, anchor, layer-lr+lora, kd-text), seconds per optimizer step (B × grad_accum examples) via
+`train()`, tokens/s over every position the LLM runs, and the fraction of this machine's training limit: 6 FLOPs
+per LLM parameter per token at the bf16 matmul peak measured in the same run (a 2048² matmul, at the start and at
+the end; the higher). The strategies that read a map get a seeded random placeholder map with the model's
+parameter names (timing does not depend on its values). The memory that masked and anchor hold beyond Full-FT is
+counted from their tensors, against one fp32 copy of the LLM.
 
-Data: the synthesized Spoken-Alpaca-GPT4 when `textkeep speak alpaca-gpt4` has made it, else LLaMA Questions' recorded
-WAVs ($TEXTKEEP_DATA_DIR), question → answer.
+Each variant is a precision with options: `bf16+compile` compiles each decoder layer (TrainConfig.compile; the
+one-time compilation is left out of s/step and printed apart), `bf16+sdpa` / `+eager` sets the attention kernel
+(default auto: eager on a CPU). `--compile-strategies` names the strategies those variants run (default full and
+lora, the target's). Every run's first step is a warm-up (allocations, compilation) and is not timed.
+
+Data: the synthesized spoken Alpaca when `textkeep speak alpaca` (or alpaca-gpt4) has made it, else LLaMA
+Questions' recorded WAVs ($TEXTKEEP_DATA_DIR), question → answer.
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ def _records(n: int):
     from textkeep.data.datasets import attach_audio, load_dataset
     from textkeep.eval.qa import spoken_manifest
 
-    manifest = spoken_manifest("alpaca-gpt4")
-    if manifest.is_file():
-        records = [r for r in attach_audio(load_dataset("alpaca-gpt4"), manifest) if r.audio is not None]
-        if len(records) >= n:
-            return "alpaca-gpt4", manifest, records[:n]
+    for name in ("alpaca", "alpaca-gpt4"):
+        manifest = spoken_manifest(name)
+        if manifest.is_file():
+            records = [r for r in attach_audio(load_dataset(name), manifest) if r.audio is not None]
+            if len(records) >= n:
+                return name, manifest, records[:n]
     return "llama-questions", None, load_dataset("llama-questions")[:n]
 
 
@@ -88,6 +95,20 @@ def omni_style(model_name: str, encoder: str, records, batch_size: int, seed: in
     seconds = time.perf_counter() - started
     del model, opt
     return seconds
+
+
+def _train_job(out: Path, common: dict, kw: dict, threads: int | None) -> list[dict]:
+    """One `train()` run (in its own process); its metrics rows."""
+    if threads:
+        torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    from textkeep.train.config import TrainConfig
+    from textkeep.train.trainer import train
+
+    hf_logging.set_verbosity_error()
+    out = train(out=out, **common, train=TrainConfig(lr=2e-5, save_every=10**6, **kw))
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _placeholder_map(model_name: str, root: Path) -> Path:
@@ -179,7 +200,14 @@ def main() -> None:
     parser.add_argument(
         "--strategies", default="full,layer-lr,lora,masked,anchor,layer-lr+lora,kd-text", help="comma-separated"
     )
-    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated")
+    parser.add_argument(
+        "--variants",
+        default="fp32+sdpa,fp32,bf16,bf16+sdpa,bf16+compile",
+        help="comma-separated precision[+compile][+sdpa|+eager]",
+    )
+    parser.add_argument(
+        "--compile-strategies", default="full,lora", help="strategies the +compile/+attention variants run"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (1 is fastest on a busy shared CPU)"
     )
@@ -192,8 +220,7 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from textkeep.train.config import NEEDS_MAP, TrainConfig
-    from textkeep.train.trainer import train
+    from textkeep.train.config import NEEDS_MAP
 
     data, manifest, records = _records(args.n)
     n = len(records)
@@ -202,9 +229,15 @@ def main() -> None:
     common = dict(model=args.model, encoder=args.encoder, data=data, spoken=manifest, limit=n)
 
     def run(name: str, **kw) -> list[dict]:
-        out = train(out=root / name, **common, train=TrainConfig(lr=2e-5, save_every=10**6, **kw))
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        # Each run in a fresh process: in one long-lived process later runs measured up to 35% slower (the same
+        # 2048² matmul did too), which would bias whichever variant runs last.
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(_train_job, root / name, common, kw, args.threads).result()
+
+    peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     try:
         rows = []
         if not args.skip_omni:
@@ -219,23 +252,32 @@ def main() -> None:
                 ("textkeep, incl. one-time encoding", n / (loop_s + encode_s)),
                 ("LLaMA-Omni style (30 s pad, encoder every step)", n / omni_s),
             ]
-        steps = {}
-        strategies, precisions = args.strategies.split(","), args.precisions.split(",")
-        for precision in precisions:
-            for strategy in strategies:
+        steps, compile_s = {}, {}
+        strategies = args.strategies.split(",")
+        for variant in args.variants.split(","):
+            precision, *opts = variant.split("+")
+            names = strategies if not opts else [s for s in args.compile_strategies.split(",") if s in strategies]
+            for strategy in names:
                 extra = {"importance": _placeholder_map(args.model, root / "map")} if strategy in NEEDS_MAP else {}
+                attention = next((o for o in opts if o in ("sdpa", "eager")), "auto")
                 metrics = run(
-                    f"{strategy}-{precision}",
+                    f"{strategy}-{variant}",
                     strategy=strategy,
-                    max_steps=args.steps,
+                    max_steps=args.steps + 1,  # the first step warms up (allocations; compilation with +compile)
                     batch_size=args.batch_size,
                     grad_accum=args.grad_accum,
                     precision=precision,
+                    attention=attention,
+                    compile="compile" in opts,
                     **extra,
                 )
-                steps[strategy, precision] = sum(r["seconds"] for r in metrics) / len(metrics)
+                if "compile" in opts:
+                    compile_s[strategy, variant] = metrics[0]["seconds"] - metrics[-1]["seconds"]
+                metrics = metrics[1:]
+                steps[strategy, variant] = sum(r["seconds"] for r in metrics) / len(metrics)
         per_example, n_params = _tokens_per_example(args.model, args.encoder, records)
-        peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+        # the peak, again at the end: the higher of the two (a long run's process measured up to 20% lower)
+        peak = {k: max(v, matmul_peak(dtype)) for (k, v), dtype in zip(peak.items(), (torch.bfloat16, torch.float32))}
         held = guard_bytes(args.model, _placeholder_map(args.model, root / "map")) if set(strategies) & {
             "masked", "anchor"} else {}  # fmt: skip
     finally:
@@ -256,15 +298,21 @@ def main() -> None:
     )
     step_examples = args.batch_size * args.grad_accum
     print(
-        f"| strategy | precision | s / step ({step_examples} examples, mean of {args.steps}) | tokens/s | "
-        "× Full-FT's time, same precision | × fp32's speed | fraction of the limit |"
+        f"| strategy | variant | s / step ({step_examples} examples, mean of {args.steps}) | examples/s | tokens/s | "
+        "× Full-FT's time, same variant | × fp32's speed | fraction of the limit |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for (strategy, precision), s in steps.items():
+    print("|---|---|---|---|---|---|---|---|")
+    for (strategy, variant), s in steps.items():
         tok_s = step_examples * per_example / s
-        vs_full = f"{s / steps[('full', precision)]:.2f}" if ("full", precision) in steps else "–"
-        vs_fp32 = f"{steps[(strategy, 'fp32')] / s:.2f}" if (strategy, "fp32") in steps else "–"
-        print(f"| {strategy} | {precision} | {s:.2f} | {tok_s:.0f} | {vs_full} | {vs_fp32} | {tok_s / limit:.2f} |")
+        vs_full = f"{s / steps[('full', variant)]:.2f}" if ("full", variant) in steps else "–"
+        ref = next(((strategy, v) for v in ("fp32", "fp32+eager") if (strategy, v) in steps), None)
+        vs_fp32 = f"{steps[ref] / s:.2f}" if ref else "–"
+        print(
+            f"| {strategy} | {variant} | {s:.2f} | {step_examples / s:.2f} | {tok_s:.0f} | {vs_full} | {vs_fp32} "
+            f"| {tok_s / limit:.2f} |"
+        )
+    for (strategy, variant), s in compile_s.items():
+        print(f"\n{strategy} {variant}: one-time compilation {s:.0f} s", end="")
     for name, frac in held.items():
         print(f"\n{name} holds {frac:.2f} of one fp32 copy of the LLM beyond Full-FT (bound: 1.00)", end="")
     print()

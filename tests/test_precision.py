@@ -93,3 +93,14 @@ def test_a_bad_precision_is_refused_by_name():
     with pytest.raises(TextkeepError, match="precision must be fp32, bf16 or auto"):
         precision_of("fp16")
     assert precision_of("fp32") == "no" and precision_of("bf16") == "bf16"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_bf16_on_a_cpu_only_where_it_multiplies_bf16_natively(monkeypatch, native):
+    import textkeep.runtime as runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native)
+    assert precision_of("auto") == ("bf16" if native else "no")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's own setting wins
+    assert precision_of("auto") == "no"

@@ -199,6 +199,37 @@ def test_rows_that_finish_early_leave_the_batch_and_answers_match_transformers_g
     assert ours == [m.generate_ids([s], max_new_tokens=8)[0] for s in samples]
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_refilled_slots_give_the_answers_of_one_by_one(tiny_model, monkeypatch, slots):
+    """With fewer slots than prompts, waiting prompts join the running batch as rows finish (their KV cache
+    left-padded to the running one's length, or the running one's to theirs): every answer is still the one the
+    prompt gets alone, and prompts really joined a batch mid-run."""
+    m = _talkative(tiny_model)
+    d = m.encoder.config.d_model
+    samples = [Sample(text=s.text, speech=s.speech) for s in _mixed_samples(d)]
+    samples += [Sample(speech=_frames(90, d, 7)), Sample(text="Who wrote Hamlet and when did he write it?")]
+    free = m.generate_ids(samples, max_new_tokens=8, min_new_tokens=8)
+    stop = next(t for row in free for t in row[1:] if t not in row[:1] and any(t not in other for other in free))
+    monkeypatch.setattr(SpeechLLM, "stop_ids", property(lambda self: [stop]))
+    prefills = []  # the rows of each prompt pass (inputs_embeds): the first batch, then each refill
+    forward = m.llm.forward
+
+    def counting(*args, **kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            prefills.append(len(kwargs["inputs_embeds"]))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(m.llm, "forward", counting)
+    ours = m.generate_ids(samples, max_new_tokens=8, slots=slots)
+    monkeypatch.setattr(m.llm, "forward", forward)
+    assert ours == [m.generate_ids([s], max_new_tokens=8)[0] for s in samples]
+    assert prefills[0] == slots and sum(prefills) == len(samples) and len(prefills) > 1
+    assert len({len(a) for a in ours}) > 1  # rows ended at different steps
+    assert m.generate_ids(samples, max_new_tokens=8, min_new_tokens=3, slots=slots) == [
+        m.generate_ids([s], max_new_tokens=8, min_new_tokens=3)[0] for s in samples
+    ]
+
+
 def test_gradient_reaches_adaptor_not_encoder(tiny_model):
     m = tiny_model
     loss, _ = m.loss_sum(m.tokenize([Sample(speech=_frames(40, 32, 4), response="Paris.")]))

@@ -173,7 +173,7 @@ def test_chain_of_modality_answers_with_the_part_after_the_transcript(tiny_model
     said = chain_response("What is the capital of France?", "The capital of France is Paris.")
     budgets = []
 
-    def generate_ids(samples, budget, min_new_tokens=0):
+    def generate_ids(samples, budget, min_new_tokens=0, slots=None):
         budgets.append(budget)
         return [tok(said, add_special_tokens=False)["input_ids"] for _ in samples]
 

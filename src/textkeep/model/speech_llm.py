@@ -10,6 +10,7 @@ Encoder frames are the unit the feature cache stores: the encoder is frozen, so 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -128,6 +129,29 @@ def n_speech_embeddings(n_samples: int, k: int, keep_padding: bool) -> int:
         else min(WHISPER_WINDOW_FRAMES, math.ceil(n_samples * ENCODER_FRAMES_PER_SECOND / SAMPLE_RATE))
     )
     return n_frames // k
+
+
+def _join_caches(cache, mask, other, other_mask):
+    """One KV cache (and 2-D attention mask) of the rows of two, the shorter left-padded with masked zero columns.
+    Masked columns are never attended to, and position ids come from the mask, so every row computes what it did
+    alone. Needs a DynamicCache with per-layer `keys`/`values` (transformers ≥ 4.56)."""
+    layers, others = getattr(cache, "layers", None), getattr(other, "layers", None)
+    if layers is None or others is None or not all(hasattr(x, "keys") for x in list(layers) + list(others)):
+        raise TextkeepError(
+            f"refilling a running batch needs transformers' per-layer DynamicCache (≥ 4.56); got "
+            f"{type(cache).__name__}. Generate without `slots`, or upgrade transformers."
+        )
+    length = max(mask.shape[1], other_mask.shape[1])
+
+    def pad(t, n):  # (batch, heads, seq, dim) or (batch, seq): n masked columns on the left
+        return torch.cat([t.new_zeros(*t.shape[:-2], n, t.shape[-1]), t], dim=-2) if n else t
+
+    for a, b in zip(layers, others):
+        na, nb = length - a.keys.shape[-2], length - b.keys.shape[-2]
+        a.keys = torch.cat([pad(a.keys, na), pad(b.keys, nb)])
+        a.values = torch.cat([pad(a.values, na), pad(b.values, nb)])
+    masks = [torch.cat([m.new_zeros(len(m), length - m.shape[1]), m], dim=1) for m in (mask, other_mask)]
+    return cache, torch.cat(masks)
 
 
 class SpeechLLM(nn.Module):
@@ -327,15 +351,18 @@ class SpeechLLM(nn.Module):
     # ---- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_ids(
-        self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0
+        self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0, slots: int | None = None
     ) -> list[list[int]]:
-        """Greedy continuations for a batch, as token ids cut before end-of-turn: left padding, the KV cache.
+        """Greedy continuations, as token ids cut before end-of-turn: left padding, the KV cache.
 
         A row that has finished leaves the batch (its rows of the KV cache are dropped), so a batch costs the sum of
-        its answers' lengths, not its longest answer times its size: on a CPU, where a decode step's cost grows with
-        the rows in it, that is most of the gain of batching. Written here because transformers' generate() keeps
-        finished rows to the end, and its continuous batching takes token ids, not the inputs_embeds a spoken
-        prompt needs. min_new_tokens forbids stopping before that many tokens (as generate()'s option).
+        its answers' lengths, not its longest answer times its size. With `slots` (the running batch's width) below
+        the number of samples, the rest wait, and each freed slot is refilled with the next waiting prompt: its
+        prefill joins the running batch's KV cache, the shorter of the two left-padded with masked columns, so
+        the decode does not run its tail at a few rows while prompts wait (on a CPU a step of a few rows costs
+        nearly what a full one does). Written here because transformers' generate() keeps finished rows to the
+        end, and its continuous batching takes token ids, not the inputs_embeds a spoken prompt needs.
+        min_new_tokens forbids stopping before that many tokens (as generate()'s option).
         """
         samples = [
             Sample(text=s.text, speech=s.speech, id=s.id) for s in samples
@@ -344,59 +371,86 @@ class SpeechLLM(nn.Module):
         # once and shared by all rows, and padding goes after it. A prompt splits at the same place alone as in a
         # batch of its own modality (evaluation batches hold one), so a question gets the same answer either way.
         head = self.shared_head(samples)
-        batch = self.tokenize(samples, padding_side="left", skip=len(head)).to(self.device)
         stop = torch.tensor(self.stop_ids, device=self.device)
         answers: list[list[int]] = [[] for _ in samples]
-        rows = torch.arange(len(samples), device=self.device)  # the sample each row of the running batch answers
-        mask, cache = batch.attention_mask, None
+        head_cache = None
         if head:
-            cache = self.llm(
+            head_cache = self.llm(
                 input_ids=torch.tensor([head], device=self.device), use_cache=True, logits_to_keep=1
             ).past_key_values
-            cache.batch_repeat_interleave(len(samples))
-            mask = torch.cat([mask.new_ones(len(samples), len(head)), mask], dim=1)
-        out = self.llm(
-            inputs_embeds=self.embed(batch),
-            attention_mask=mask,
-            position_ids=self.position_ids(mask)[:, len(head) :],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        for step in range(max_new_tokens):
-            logits = out.logits[:, -1]
-            if step < min_new_tokens:
-                logits = logits.index_fill(-1, stop, float("-inf"))
-            token = logits.argmax(-1)
-            finished = torch.isin(token, stop)
-            for row, t, done in zip(rows.tolist(), token.tolist(), finished.tolist()):
-                if not done:
-                    answers[row].append(t)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            cache = out.past_key_values
-            if bool(finished.any()):
-                keep = (~finished).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                rows, mask, token = rows[keep], mask[keep], token[keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+
+        def prefill(idx: list[int]):
+            """The prompts' last logits, their KV cache and attention mask (head | left padding | prompt)."""
+            batch = self.tokenize([samples[i] for i in idx], padding_side="left", skip=len(head)).to(self.device)
+            mask, cache = batch.attention_mask, None
+            if head:
+                cache = copy.deepcopy(head_cache)
+                cache.batch_repeat_interleave(len(idx))
+                mask = torch.cat([mask.new_ones(len(idx), len(head)), mask], dim=1)
             out = self.llm(
-                input_ids=token[:, None],
+                inputs_embeds=self.embed(batch),
                 attention_mask=mask,
-                position_ids=mask.sum(-1, keepdim=True) - 1,
+                position_ids=self.position_ids(mask)[:, len(head) :],
                 past_key_values=cache,
                 use_cache=True,
+                logits_to_keep=1,
             )
+            return out.logits[:, -1], out.past_key_values, mask
+
+        slots = len(samples) if slots is None else max(1, slots)
+        waiting = list(range(len(samples)))
+        rows, waiting = waiting[:slots], waiting[slots:]  # rows: the sample each row of the running batch answers
+        logits, cache, mask = prefill(rows)
+        n_new = [0] * len(rows)
+        while rows:
+            early = [i for i, n in enumerate(n_new) if n < min_new_tokens]
+            if early:
+                logits[early] = logits[early].index_fill(-1, stop, float("-inf"))
+            token = logits.argmax(-1)
+            finished = torch.isin(token, stop).tolist()
+            for j, (row, t) in enumerate(zip(rows, token.tolist())):
+                n_new[j] += 1
+                if not finished[j]:
+                    answers[row].append(t)
+                finished[j] = finished[j] or n_new[j] >= max_new_tokens
+            if any(finished):
+                keep = [j for j, f in enumerate(finished) if not f]
+                if keep:
+                    cache.batch_select_indices(torch.tensor(keep, device=self.device))
+                rows, n_new = [rows[j] for j in keep], [n_new[j] for j in keep]
+                mask, token = mask[keep], token[keep]
+            if rows:
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                out = self.llm(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits, cache = out.logits[:, -1], out.past_key_values
+            if waiting and len(rows) < slots:
+                take, waiting = waiting[: slots - len(rows)], waiting[slots - len(rows) :]
+                new_logits, new_cache, new_mask = prefill(take)
+                if rows:
+                    cache, mask = _join_caches(cache, mask, new_cache, new_mask)
+                    logits = torch.cat([logits, new_logits])
+                else:
+                    logits, cache, mask = new_logits, new_cache, new_mask
+                rows, n_new = rows + take, n_new + [0] * len(take)
         return answers
 
-    def generate(self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0) -> list[str]:
-        """Greedy answers as text. Under speech_chain a spoken prompt first gets its transcript, with a budget of
-        CHAIN_TRANSCRIPT_TOKENS more tokens; the answer after it is returned, cut to max_new_tokens tokens."""
+    def generate(
+        self, samples: Sequence[Sample], max_new_tokens: int = 64, min_new_tokens: int = 0, slots: int | None = None
+    ) -> list[str]:
+        """Greedy answers as text (`slots`: see generate_ids). Under speech_chain a spoken prompt first gets its
+        transcript, with a budget of CHAIN_TRANSCRIPT_TOKENS more tokens; the answer after it is returned, cut to
+        max_new_tokens tokens."""
         chain = self.config.speech_chain and any(s.speech is not None for s in samples)
         budget = max_new_tokens + (CHAIN_TRANSCRIPT_TOKENS if chain else 0)
         texts = [
             self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for ids in self.generate_ids(samples, budget, min_new_tokens)
+            for ids in self.generate_ids(samples, budget, min_new_tokens, slots)
         ]
         if not chain:
             return texts

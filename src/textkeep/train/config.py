@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from textkeep.errors import TextkeepError
+from textkeep.runtime import ATTENTIONS
 
 STRATEGIES = ("full", "layer-lr", "lora", "adaptor", "masked", "anchor", "layer-lr+lora", "kd-text")
 NEEDS_MAP = ("layer-lr", "layer-lr+lora", "masked", "anchor")  # read the pre-trained LLM's textual importance map
@@ -102,7 +103,11 @@ class TrainConfig:
     """seeds the adaptor's initialisation, LoRA's, the data order and dropout."""
     precision: str = "auto"
     """fp32, bf16 (accelerate's mixed precision: bf16 compute, fp32 master weights and optimizer state; on a CPU
-    with AVX-512 BF16 ~2.7× faster) or auto (bf16 on a GPU, fp32 on a CPU)."""
+    with AVX-512 BF16 1.5–2.7× faster) or auto (bf16 on a GPU and on a CPU with native bf16, else fp32)."""
+    attention: str = "auto"
+    """the LLM's attention kernel: eager, sdpa, or auto (sdpa on a GPU, eager on a CPU, where it measures faster)."""
+    compile: bool = False
+    """torch.compile each decoder layer (dynamic shapes): ~1 min once per run, then faster steps (bench_train.py)."""
 
     def __post_init__(self):
         """Refuse bad values before anything is loaded or written."""
@@ -112,6 +117,7 @@ class TrainConfig:
                 raise TextkeepError(f"bad training setting: {what}")
 
         check_strategy(self.strategy)
+        need(self.attention in ATTENTIONS, f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}.")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         check_lam(self.lam)
         check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout)

@@ -93,6 +93,17 @@ def param_groups(model, strategy: str, base_lr: float, scales: list[float] | Non
     return out
 
 
+def skip_lora_input_casts(llm) -> None:
+    """Under bf16 autocast, peft's LoRA layers cast each input to their fp32 weights' dtype and autocast casts it
+    straight back for the matmul: two copies of every activation per adapted module, for identical values. Turned
+    off as peft's own `helpers.disable_input_dtype_casting` does (peft ≥ 0.15; older versions ignore the flag)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in llm.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 def apply_lora(model, rank: int = 8, alpha: int | None = None, dropout: float = 0.05):
     """Wrap model.llm with LoRA on the seven projections of every layer (α = 2r unless given); freeze all but LoRA and
     adaptor."""

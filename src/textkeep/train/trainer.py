@@ -38,10 +38,16 @@ import torch
 from textkeep.errors import TextkeepError
 from textkeep.fileio import atomic_dir, write_json, write_text
 from textkeep.model.speech_llm import is_peft
-from textkeep.runtime import precision_of
+from textkeep.runtime import precision_of, speed_up
 from textkeep.train.config import TrainConfig
 from textkeep.train.guarded import KdTextObjective, make_guard
-from textkeep.train.strategies import apply_lora, layer_lr_scales, param_groups, read_layer_importance
+from textkeep.train.strategies import (
+    apply_lora,
+    layer_lr_scales,
+    param_groups,
+    read_layer_importance,
+    skip_lora_input_casts,
+)
 
 MAX_GRAD_NORM = 1.0  # HF Trainer's default, which LLaMA-Omni's Stage 1 inherits (as weight decay 0 and AdamW's betas)
 MEGABATCH = 50  # micro-batches sorted together by length
@@ -237,12 +243,15 @@ def fit(
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.strategy in ("lora", "layer-lr+lora"):
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        if precision == "bf16":
+            skip_lora_input_casts(model.llm)
     elif cfg.strategy == "adaptor":  # the LLM frozen: no weight gradients, its activations still carry them
         model.llm.requires_grad_(False)
         model.adaptor.requires_grad_(True)
     else:
         model.llm.requires_grad_(True)
         model.adaptor.requires_grad_(True)
+    speed_up(model.llm, cfg.attention, cfg.compile, accelerator.device)  # after LoRA: compile what trains
     model.train()
     if model.encoder is not None:
         model.encoder.eval()
@@ -253,7 +262,9 @@ def fit(
     ckpt = _last_checkpoint(out) if resume else None
     if ckpt is not None:
         _load_weights(model, ckpt)  # before prepare: DDP copies rank 0's weights to the others there
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.lr, scales), lr=cfg.lr, weight_decay=0.0)
+    # fused: one kernel per step instead of one per tensor; on this CPU 0.12 s against 0.59 s for SmolLM2's 135M.
+    groups = param_groups(model, cfg.strategy, cfg.lr, scales)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
     objective = objective if objective is not None else ResponseObjective(model)
     wrapper = accelerator.prepare(objective)
