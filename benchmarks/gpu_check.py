@@ -43,11 +43,6 @@ class _Done(Exception):
     """Raised from fit's on_step after the last timed step: the check needs no checkpoint of a 1B model."""
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def synthetic(n: int, words: int, seed: int = 0):
     from textkeep.model.speech_llm import Sample
 
@@ -67,7 +62,6 @@ def train_check(shape: str, device: str, batch: int, words: int, steps: int, pea
     samples = synthetic(batch * (steps + 1), words)
     positions = float(model.tokenize(samples).attention_mask.sum()) / len(samples)
     n_params = sum(p.numel() for p in model.llm.parameters())
-    seconds = []
 
     def on_step(step, _model):
         if step == steps + 1:

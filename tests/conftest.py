@@ -58,3 +58,26 @@ def real_model():
     from textkeep.model.speech_llm import SpeechLLM
 
     return SpeechLLM.build("smollm2-135m-instruct", "whisper-base")
+
+
+QA_PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."),
+    ("How many legs does a spider have?", "Eight legs."),
+    ("Hi.", "Hello!"),
+]
+
+
+@pytest.fixture
+def text_qa():
+    """Four typed questions with reference responses, as text-path samples."""
+    from textkeep.model.speech_llm import Sample
+
+    return [Sample(text=q, response=a, id=f"s{i}") for i, (q, a) in enumerate(QA_PAIRS)]
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A fresh feature/model cache and no precision forced from the environment, for one test."""
+    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)

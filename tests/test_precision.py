@@ -13,25 +13,14 @@ from textkeep.errors import TextkeepError
 from textkeep.model.speech_llm import Sample
 from textkeep.runtime import precision_of
 
-QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?", "Hi."]
-ANSWERS = ["The capital of France is Paris.", "William Shakespeare wrote Hamlet.", "Eight legs.", "Hello!"]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-
-
-def _text():
-    return [Sample(text=q, response=a, id=f"s{i}") for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
-def test_a_bf16_training_step_matches_fp32_within_tolerance(tiny_model, tmp_path):
+def test_a_bf16_training_step_matches_fp32_within_tolerance(tiny_model, tmp_path, text_qa):
     """Tolerances: the loss within 2% and each LLM tensor's update at cosine ≥ 0.95 to fp32's (bf16 keeps 8 bits
     of mantissa; master weights and AdamW's state stay fp32, so the update differs only through the gradient)."""
     from textkeep.train.config import TrainConfig
@@ -43,7 +32,7 @@ def test_a_bf16_training_step_matches_fp32_within_tolerance(tiny_model, tmp_path
         base = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
         cfg = TrainConfig(strategy="full", lr=1e-3, batch_size=4, grad_accum=1, max_steps=1, warmup_ratio=0.0,
                           precision=precision)  # fmt: skip
-        out = fit(model, SampleList(_text()), tmp_path / precision, cfg)
+        out = fit(model, SampleList(text_qa), tmp_path / precision, cfg)
         row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         delta = {n: p.detach() - base[n] for n, p in model.llm.named_parameters()}
         assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
@@ -57,13 +46,13 @@ def test_a_bf16_training_step_matches_fp32_within_tolerance(tiny_model, tmp_path
         assert _cos(d16[n], d32[n]) >= 0.95, n
 
 
-def test_a_bf16_importance_map_matches_fp32_within_tolerance(tiny_model):
+def test_a_bf16_importance_map_matches_fp32_within_tolerance(tiny_model, text_qa):
     """Tolerances: every decoder layer's summed importance within 5% and each tensor's map at cosine ≥ 0.98."""
     from textkeep.importance.compute import compute_importance
     from textkeep.importance.maps import layer_sums
 
     maps = {
-        p: compute_importance(tiny_model, _text(), batch_size=2, progress=False, precision=p) for p in ("fp32", "bf16")
+        p: compute_importance(tiny_model, text_qa, batch_size=2, progress=False, precision=p) for p in ("fp32", "bf16")
     }
     assert all(t.dtype == torch.float32 for t in maps["bf16"].scores.values())  # accumulated in fp32
     for a, b in zip(layer_sums(maps["bf16"]), layer_sums(maps["fp32"])):
@@ -74,16 +63,16 @@ def test_a_bf16_importance_map_matches_fp32_within_tolerance(tiny_model):
     assert any(not torch.equal(maps["bf16"].scores[n], s) for n, s in maps["fp32"].scores.items())  # bf16 ran
 
 
-def test_bf16_perplexity_and_greedy_answers_are_close_to_fp32(tiny_model):
+def test_bf16_perplexity_and_greedy_answers_are_close_to_fp32(tiny_model, text_qa):
     from textkeep.eval.perplexity import perplexity
     from textkeep.runtime import autocast
 
-    p32 = perplexity(tiny_model, _text(), batch_size=2, per_example=True)
-    p16 = perplexity(tiny_model, _text(), batch_size=2, per_example=True, precision="bf16")
+    p32 = perplexity(tiny_model, text_qa, batch_size=2, per_example=True)
+    p16 = perplexity(tiny_model, text_qa, batch_size=2, per_example=True, precision="bf16")
     assert p16["n_tokens"] == p32["n_tokens"]
     assert p16["loss"] == pytest.approx(p32["loss"], rel=0.02)
     assert p16["loss"] != p32["loss"]  # bf16 really ran
-    prompts = [Sample(text=q) for q in QUESTIONS]
+    prompts = [Sample(text=s.text) for s in text_qa]
     with autocast("bf16", tiny_model.device):
         answers16 = tiny_model.generate(prompts, max_new_tokens=6)
     assert len(answers16) == len(prompts) and all(isinstance(a, str) for a in answers16)

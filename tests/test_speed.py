@@ -13,26 +13,17 @@ import pytest
 import torch
 
 from textkeep.errors import TextkeepError
-from textkeep.model.speech_llm import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?", "Hi."]
-ANSWERS = ["The capital of France is Paris.", "William Shakespeare wrote Hamlet.", "Eight legs.", "Hello!"]
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEXTKEEP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-
-
-def _step(model, out: Path, **settings):
+def _step(model, samples, out: Path, **settings):
     """One Full-FT step: (its loss, each LLM parameter's update, the LLM's parameter names)."""
     from textkeep.train.config import TrainConfig
     from textkeep.train.trainer import SampleList, fit
 
     base = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
-    samples = [Sample(text=q, response=a, id=f"s{i}") for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
     cfg = TrainConfig(strategy="full", lr=1e-3, batch_size=4, grad_accum=1, max_steps=1, warmup_ratio=0.0,
                       precision="fp32", **settings)  # fmt: skip
     fit(model, SampleList(samples), out, cfg)
@@ -42,11 +33,11 @@ def _step(model, out: Path, **settings):
 
 
 @pytest.mark.parametrize("settings", [{"attention": "sdpa"}, {"compile": True}], ids=["sdpa", "compile"])
-def test_a_speed_setting_computes_the_same_step_as_the_default(tiny_model, tmp_path, settings):
+def test_a_speed_setting_computes_the_same_step_as_the_default(tiny_model, tmp_path, text_qa, settings):
     """Against the default (auto: eager attention on a CPU, not compiled), in fp32: the loss to 1e-5 relative and
     every update at cosine ≥ 0.9999. Compilation leaves the parameter names (checkpoints) as they were."""
-    loss0, delta0, names0 = _step(copy.deepcopy(tiny_model), tmp_path / "default")
-    loss1, delta1, names1 = _step(copy.deepcopy(tiny_model), tmp_path / "fast", **settings)
+    loss0, delta0, names0 = _step(copy.deepcopy(tiny_model), text_qa, tmp_path / "default")
+    loss1, delta1, names1 = _step(copy.deepcopy(tiny_model), text_qa, tmp_path / "fast", **settings)
     assert loss1 == pytest.approx(loss0, rel=1e-5)
     assert names1 == names0
     for n, d in delta0.items():

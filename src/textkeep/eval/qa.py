@@ -21,9 +21,6 @@ from textkeep.settings import cache_dir
 
 QA_SETS = {"llama-questions": "llama-questions", "web-questions": "web-questions:test"}
 MODES = {"t2t": "text", "s2t": "speech", "cascade": "transcript"}  # cascade: eval/cascade.py
-# Batches of prompts per running batch with refilled slots (SpeechLLM.generate_ids `slots`). 1 (no refill): on
-# this CPU refilling measured no faster (bench_eval.py, session 7: T2T 21.9 s against 19.7, S2T 31.1 against 31.4).
-REFILL = 1
 SET_TITLES = {"llama-questions": "Llama Q", "web-questions": "Web Q"}
 
 
@@ -123,15 +120,11 @@ def evaluate(
                 if todo:
                     samples = make_samples(speech_llm, todo, MODES[mode], with_response=False, progress=progress)
                     bar = tqdm(total=len(todo), desc=f"{set_name} {mode}", unit="q", disable=not progress)
-                    order = [i for b in length_grouped_batches(samples, batch_size, speech_llm.config.adaptor_k)
-                             for i in b]  # fmt: skip
-                    # REFILL batches of prompts share one running batch of batch_size slots (a finished answer's
-                    # slot takes the next prompt); predictions are written after each such chunk.
-                    for idx in (order[i : i + REFILL * batch_size] for i in range(0, len(order), REFILL * batch_size)):
+                    # Fixed batches, no refilled slots (generate_ids `slots`): refilling measured no faster on
+                    # this CPU (benchmarks/bench_eval.py --refill 4).
+                    for idx in length_grouped_batches(samples, batch_size, speech_llm.config.adaptor_k):
                         with autocast(precision, speech_llm.device):
-                            answers = speech_llm.generate(
-                                [samples[i] for i in idx], max_new_tokens=max_new_tokens, slots=batch_size
-                            )
+                            answers = speech_llm.generate([samples[i] for i in idx], max_new_tokens=max_new_tokens)
                         for i, prediction in zip(idx, answers):
                             r = todo[i]
                             row = {
