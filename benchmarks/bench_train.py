@@ -20,8 +20,10 @@ counted from their tensors, against one fp32 copy of the LLM.
 
 Each variant is a precision with options: `bf16+compile` compiles each decoder layer (TrainConfig.compile; the
 one-time compilation is left out of s/step and printed apart), `bf16+sdpa` / `+eager` sets the attention kernel
-(default auto: eager on a CPU). `--compile-strategies` names the strategies those variants run (default full and
-lora, the target's). Every run's first step is a warm-up (allocations, compilation) and is not timed.
+(default auto: eager on a CPU), and `+noshare` turns off the prompt head's shared KV in frozen-LLM passes
+(`--strategies adaptor`, align's case: the LLM frozen, only the adaptor trains). `--compile-strategies` names the
+strategies those variants run (default full and lora, the target's). Every run's first step is a warm-up
+(allocations, compilation) and is not timed.
 
 Data: the synthesized spoken Alpaca when `textkeep speak alpaca` (or alpaca-gpt4) has made it, else LLaMA
 Questions' recorded WAVs ($TEXTKEEP_DATA_DIR), question → answer.
@@ -97,10 +99,13 @@ def omni_style(model_name: str, encoder: str, records, batch_size: int, seed: in
     return seconds
 
 
-def _train_job(out: Path, common: dict, kw: dict, threads: int | None) -> list[dict]:
+def _train_job(out: Path, common: dict, kw: dict, threads: int | None, share_head: bool = True) -> list[dict]:
     """One `train()` run (in its own process); its metrics rows."""
     if threads:
         torch.set_num_threads(threads)
+    import textkeep.model.speech_llm as speech_llm
+
+    speech_llm.SHARE_HEAD = share_head
     from transformers.utils import logging as hf_logging
 
     from textkeep.train.config import TrainConfig
@@ -160,13 +165,13 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def _tokens_per_example(model_name: str, encoder: str, records) -> tuple[float, int]:
+def _tokens_per_example(model_name: str, encoder: str, records, policy: str) -> tuple[float, int]:
     """The mean number of positions the LLM runs per example (prompt, speech embeddings, response), and the LLM's
     parameter count."""
     from textkeep.data.samples import make_samples
     from textkeep.model.speech_llm import SpeechLLM
 
-    model = SpeechLLM.build(model_name, encoder)
+    model = SpeechLLM.build(model_name, encoder, encoder_policy=policy)
     samples = make_samples(model, records, "speech", progress=False)
     batch = model.tokenize(samples)
     return float(batch.attention_mask.sum()) / len(samples), sum(p.numel() for p in model.llm.parameters())
@@ -193,9 +198,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="spoken instructions")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--encoder", default="whisper-base")
+    parser.add_argument("--encoder-policy", default="pad30", help="pad30 (the paper's) or trim (align's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=4, help="for the per-strategy step timing")
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps timed per strategy")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved; the mean is shown")
     parser.add_argument("--skip-omni", action="store_true", help="only the per-strategy timing")
     parser.add_argument(
         "--strategies", default="full,layer-lr,lora,masked,anchor,layer-lr+lora,kd-text", help="comma-separated"
@@ -226,16 +233,18 @@ def main() -> None:
     n = len(records)
     root = Path(tempfile.mkdtemp(prefix="textkeep-bench-train-"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    common = dict(model=args.model, encoder=args.encoder, data=data, spoken=manifest, limit=n)
+    common = dict(
+        model=args.model, encoder=args.encoder, data=data, spoken=manifest, limit=n, encoder_policy=args.encoder_policy
+    )
 
-    def run(name: str, **kw) -> list[dict]:
+    def run(name: str, share: bool = True, **kw) -> list[dict]:
         # Each run in a fresh process: in one long-lived process later runs measured up to 35% slower (the same
         # 2048² matmul did too), which would bias whichever variant runs last.
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-            return pool.submit(_train_job, root / name, common, kw, args.threads).result()
+            return pool.submit(_train_job, root / name, common, kw, args.threads, share).result()
 
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     try:
@@ -254,14 +263,16 @@ def main() -> None:
             ]
         steps, compile_s = {}, {}
         strategies = args.strategies.split(",")
-        for variant in args.variants.split(","):
+        # --repeats interleaves the variants (a, b, a, b): the machine's speed drifts over minutes
+        for variant, r in [(v, r) for r in range(args.repeats) for v in args.variants.split(",")]:
             precision, *opts = variant.split("+")
             names = strategies if not opts else [s for s in args.compile_strategies.split(",") if s in strategies]
             for strategy in names:
                 extra = {"importance": _placeholder_map(args.model, root / "map")} if strategy in NEEDS_MAP else {}
                 attention = next((o for o in opts if o in ("sdpa", "eager")), "auto")
                 metrics = run(
-                    f"{strategy}-{variant}",
+                    f"{strategy}-{variant}-{r}",
+                    share="noshare" not in opts,
                     strategy=strategy,
                     max_steps=args.steps + 1,  # the first step warms up (allocations; compilation with +compile)
                     batch_size=args.batch_size,
@@ -274,8 +285,8 @@ def main() -> None:
                 if "compile" in opts:
                     compile_s[strategy, variant] = metrics[0]["seconds"] - metrics[-1]["seconds"]
                 metrics = metrics[1:]
-                steps[strategy, variant] = sum(r["seconds"] for r in metrics) / len(metrics)
-        per_example, n_params = _tokens_per_example(args.model, args.encoder, records)
+                steps.setdefault((strategy, variant), []).append(sum(m["seconds"] for m in metrics) / len(metrics))
+        per_example, n_params = _tokens_per_example(args.model, args.encoder, records, args.encoder_policy)
         # the peak, again at the end: the higher of the two (a long run's process measured up to 20% lower)
         peak = {k: max(v, matmul_peak(dtype)) for (k, v), dtype in zip(peak.items(), (torch.bfloat16, torch.float32))}
         held = guard_bytes(args.model, _placeholder_map(args.model, root / "map")) if set(strategies) & {
@@ -297,8 +308,11 @@ def main() -> None:
         f"{per_example:.0f} positions per example\n"
     )
     step_examples = args.batch_size * args.grad_accum
+    spread = {key: f" ({min(v):.2f}–{max(v):.2f})" if len(v) > 1 else "" for key, v in steps.items()}
+    steps = {key: sum(v) / len(v) for key, v in steps.items()}
     print(
-        f"| strategy | variant | s / step ({step_examples} examples, mean of {args.steps}) | examples/s | tokens/s | "
+        f"| strategy | variant | s / step ({step_examples} examples, mean of {args.steps} steps × {args.repeats} runs) "
+        "| examples/s | tokens/s | "
         "× Full-FT's time, same variant | × fp32's speed | fraction of the limit |"
     )
     print("|---|---|---|---|---|---|---|---|")
@@ -308,7 +322,8 @@ def main() -> None:
         ref = next(((strategy, v) for v in ("fp32", "fp32+eager") if (strategy, v) in steps), None)
         vs_fp32 = f"{steps[ref] / s:.2f}" if ref else "–"
         print(
-            f"| {strategy} | {variant} | {s:.2f} | {step_examples / s:.2f} | {tok_s:.0f} | {vs_full} | {vs_fp32} "
+            f"| {strategy} | {variant} | {s:.2f}{spread[strategy, variant]} | {step_examples / s:.2f} | {tok_s:.0f} "
+            f"| {vs_full} | {vs_fp32} "
             f"| {tok_s / limit:.2f} |"
         )
     for (strategy, variant), s in compile_s.items():

@@ -155,6 +155,30 @@ def test_loss_sum_equals_full_logits_cross_entropy(tiny_model):
     torch.testing.assert_close(loss, expected, atol=1e-3, rtol=1e-5)
 
 
+def test_frozen_llm_passes_share_the_prompt_head_with_the_same_loss_and_adaptor_gradient(tiny_model):
+    from textkeep.model.speech_llm import shared_prefix
+
+    m = tiny_model
+    d = m.encoder.config.d_model
+    batch = m.tokenize([Sample(speech=_frames(n, d, n), response=r) for n, r in [(47, "Paris."), (151, "Eight legs.")]])
+
+    def loss_and_grads():
+        m.adaptor.zero_grad()
+        loss, n = m.loss_sum(batch)
+        loss.backward()
+        return loss.detach(), n, [p.grad.clone() for p in m.adaptor.parameters()]
+
+    assert shared_prefix(m.llm, batch) == 0  # the LLM trains: its head needs its own gradients
+    alone = loss_and_grads()
+    m.llm.requires_grad_(False)
+    assert shared_prefix(m.llm, batch) == len(m.prompt.encode(None).before)  # system prompt and user header
+    shared = loss_and_grads()
+    torch.testing.assert_close(shared[0], alone[0], atol=1e-5, rtol=1e-5)
+    assert shared[1] == alone[1]
+    for a, b in zip(shared[2], alone[2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def _talkative(m: SpeechLLM) -> SpeechLLM:
     """At init scale the tiny LLM says one token whatever it hears; larger weights make its answers depend on the
     input."""

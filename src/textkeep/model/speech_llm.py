@@ -35,6 +35,7 @@ ENCODER_POLICIES = ("pad30", "trim")
 COMPRESSIONS = (None, "mean", "posterior")
 CHAIN_QUESTION, CHAIN_ANSWER = "Question: ", "\nAnswer: "  # the chain-of-modality response layout
 CHAIN_TRANSCRIPT_TOKENS = 48  # the transcript's share of a chain response's generation budget
+SHARE_HEAD = True  # frozen-LLM passes share the prompt head's KV (`shared_prefix`); benchmarks turn it off to compare
 
 
 def chain_response(transcript: str, answer: str) -> str:
@@ -129,6 +130,50 @@ def n_speech_embeddings(n_samples: int, k: int, keep_padding: bool) -> int:
         else min(WHISPER_WINDOW_FRAMES, math.ceil(n_samples * ENCODER_FRAMES_PER_SECOND / SAMPLE_RATE))
     )
     return n_frames // k
+
+
+def shared_prefix(llm, batch: TokenBatch) -> int:
+    """How many leading columns of a right-padded batch can run once for all rows (0: none).
+
+    Every training prompt opens with the template's head (system prompt, user header). When no gradient reaches the
+    LLM's weights (align's frozen LLM, a teacher pass, perplexity under no_grad), the head's keys and values are the
+    same for every row and carry no gradient, so `decode` computes them once at batch 1 and shares them. A column
+    qualifies if every row has the same real text token there, and neither it nor the column after it is a label
+    (the head's last position predicts the first token after it)."""
+    ids = batch.input_ids
+    if not SHARE_HEAD or len(ids) < 2 or (torch.is_grad_enabled() and any(p.requires_grad for p in llm.parameters())):
+        return 0
+    checkpointing = next(
+        (a for a in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(type(llm), a)), None
+    )
+    if llm.training and checkpointing and getattr(llm, checkpointing):
+        return 0  # checkpointed layers drop the cache (transformers 5 renamed the flag)
+    same = (ids == ids[:1]).all(0) & (batch.attention_mask == 1).all(0) & ~batch.speech_mask.any(0)
+    no_label = (batch.labels == IGNORE_INDEX).all(0)
+    return max(0, min(int(same.long().cumprod(0).sum()), int(no_label.long().cumprod(0).sum()) - 1))
+
+
+def decode(llm, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None, **kwargs):
+    """The decoder's output over `batch` from column h on, and h (`shared_prefix`): what `llm.get_decoder()` returns
+    for the whole batch, minus its first h positions, which predict no label. The position h + j of a row predicts
+    its label at h + j + 1. Written here because transformers shares a prompt's cache only in generation."""
+    decoder = llm.get_decoder()
+    mask = batch.attention_mask
+    positions = SpeechLLM.position_ids(mask)
+    h = shared_prefix(llm, batch)
+    inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
+    if not h:
+        return decoder(**inputs, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs), 0
+    head = {k: v[:1, :h] for k, v in inputs.items()}
+    with torch.no_grad():
+        cache = decoder(**head, attention_mask=mask[:1, :h], position_ids=positions[:1, :h], use_cache=True)
+    cache = cache.past_key_values
+    cache.batch_repeat_interleave(len(mask))
+    rest = {k: v[:, h:] for k, v in inputs.items()}
+    out = decoder(
+        **rest, attention_mask=mask, position_ids=positions[:, h:], past_key_values=cache, use_cache=True, **kwargs
+    )
+    return out, h
 
 
 def _join_caches(cache, mask, other, other_mask):
@@ -330,13 +375,9 @@ class SpeechLLM(nn.Module):
         prompt and speech position is most of the activation memory otherwise.
         """
         batch = batch.to(self.device)
-        hidden = self.llm.get_decoder()(
-            inputs_embeds=self.embed(batch),
-            attention_mask=batch.attention_mask,
-            position_ids=self.position_ids(batch.attention_mask),
-            use_cache=False,
-        ).last_hidden_state
-        targets = batch.labels[:, 1:]
+        out, h = decode(self.llm, batch, self.embed(batch))
+        hidden = out.last_hidden_state
+        targets = batch.labels[:, h + 1 :]
         keep = targets != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
         loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
@@ -358,11 +399,12 @@ class SpeechLLM(nn.Module):
         A row that has finished leaves the batch (its rows of the KV cache are dropped), so a batch costs the sum of
         its answers' lengths, not its longest answer times its size. With `slots` (the running batch's width) below
         the number of samples, the rest wait, and each freed slot is refilled with the next waiting prompt: its
-        prefill joins the running batch's KV cache, the shorter of the two left-padded with masked columns, so
-        the decode does not run its tail at a few rows while prompts wait (on a CPU a step of a few rows costs
-        nearly what a full one does). Written here because transformers' generate() keeps finished rows to the
-        end, and its continuous batching takes token ids, not the inputs_embeds a spoken prompt needs.
-        min_new_tokens forbids stopping before that many tokens (as generate()'s option).
+        prefill joins the running batch's KV cache, the shorter of the two left-padded with masked columns, so the
+        decode does not run its tail at a few rows while prompts wait (on this CPU a step at batch 1 costs a third
+        of one at batch 32, so evaluation measured no gain and does not refill). Written here because
+        transformers' generate() keeps finished rows to the end, and its continuous batching takes token ids, not
+        the inputs_embeds a spoken prompt needs. min_new_tokens forbids stopping before that many tokens (as
+        generate()'s option).
         """
         samples = [
             Sample(text=s.text, speech=s.speech, id=s.id) for s in samples

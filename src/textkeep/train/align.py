@@ -252,20 +252,17 @@ class AlignObjective(nn.Module):
 
     def _states(self, batch, grad: bool):
         """Hidden states of every layer and the logits at the positions that predict answer tokens."""
+        from textkeep.model.speech_llm import decode
+
         m = self.model
         batch = batch.to(m.device)
         with torch.set_grad_enabled(grad):
-            out = m.llm.get_decoder()(
-                inputs_embeds=m.embed(batch),
-                attention_mask=batch.attention_mask,
-                position_ids=m.position_ids(batch.attention_mask),
-                use_cache=False,
-                output_hidden_states=True,
-            )
-            keep = batch.labels[:, 1:] != -100
-            states = [h[:, :-1][keep] for h in out.hidden_states[1:]]
+            out, h = decode(m.llm, batch, m.embed(batch), output_hidden_states=True)
+            labels = batch.labels[:, h + 1 :]
+            keep = labels != -100
+            states = [x[:, :-1][keep] for x in out.hidden_states[1:]]
             logits = m.llm.get_output_embeddings()(states[-1])
-        return states, logits, batch.labels[:, 1:][keep]
+        return states, logits, labels[keep]
 
     def _distill(self, items, mix) -> dict[str, torch.Tensor]:
         from textkeep.model.speech_llm import Sample

@@ -162,13 +162,9 @@ class KdTextObjective(torch.nn.Module):
 
 def response_logits(llm, batch) -> torch.Tensor:
     """A text-only batch's logits (fp32) at the positions that predict its response tokens."""
-    from textkeep.model.speech_llm import IGNORE_INDEX, SpeechLLM
+    from textkeep.model.speech_llm import IGNORE_INDEX, decode
 
-    hidden = llm.get_decoder()(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=SpeechLLM.position_ids(batch.attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    keep = batch.labels[:, 1:] != IGNORE_INDEX
+    out, h = decode(llm, batch)  # the frozen teacher's pass shares the prompt head's KV
+    hidden = out.last_hidden_state
+    keep = batch.labels[:, h + 1 :] != IGNORE_INDEX
     return llm.get_output_embeddings()(hidden[:, :-1][keep]).float()

@@ -596,8 +596,8 @@ def train(
 ) -> Path:
     """Stage-1 speech training (LLaMA-Omni): spoken instruction in, text response out; encoder frozen.
 
-    The settings are `--train.KEY` (train/config.py); their defaults are LLaMA-Omni's Stage 1. fp32 on the CPU,
-    bf16 mixed precision on a GPU.
+    The settings are `--train.KEY` (train/config.py); their defaults are LLaMA-Omni's Stage 1. The precision's
+    default (`auto`) is bf16 on a GPU and on CPUs with native bf16, fp32 elsewhere.
 
     Args:
         model: an LLM (registry name, directory or hub id) to wrap with `encoder` and a fresh seeded adaptor, or a
