@@ -93,10 +93,13 @@ class _Kill(Exception):
     pass
 
 
-def test_interrupted_alignment_resumes_bit_exactly(tiny_model, tiny_parts, tmp_path):
+@pytest.mark.parametrize("masks", [{}, {"mask_time": 0.2, "mask_span": 3, "mask_channels": 0.1}])
+def test_interrupted_alignment_resumes_bit_exactly(tiny_model, tiny_parts, tmp_path, masks):
     from tests.train.test_train import _fresh_tiny
 
-    cfg = AlignConfig(phases=[Phase({"asr": 1.0}, steps=2), Phase({"kd": 1.0, "hidden": 0.5})], answer_tokens=4)
+    cfg = AlignConfig(
+        phases=[Phase({"asr": 1.0}, steps=2), Phase({"kd": 1.0, "hidden": 0.5})], answer_tokens=4, **masks
+    )
     kw = {"max_steps": 6, "save_every": 2, "batch_size": 2}
     _align(tiny_model, tmp_path / "whole", cfg, tmp_path / "whole.jsonl", **kw)
 
@@ -260,3 +263,29 @@ def test_utterances_longer_than_whispers_window_are_left_out_and_counted(tmp_pat
         records.append(Record(id=f"u{i}", instruction="hello", audio=str(path)))
     assert [r.id for r in fitting_window(records)] == ["u0", "u2"]
     assert "left out 1 utterances longer than Whisper's 30 s window" in capsys.readouterr().out
+
+
+def test_spec_augment_fills_spans_and_channels_with_the_mean_and_draws_by_key():
+    from textkeep.train.align import spec_augment
+
+    frames = torch.randn(200, 40, dtype=torch.float64)
+    cfg = AlignConfig(mask_time=0.3, mask_span=10, mask_channels=0.1)
+    out = spec_augment(frames, cfg, "utt-1:7")
+    mean = frames.mean(0)
+    masked_channels = [c for c in range(40) if torch.equal(out[:, c], mean[c].expand(200))]
+    assert len(masked_channels) == 4  # round(0.1 · 40)
+    rest = [c for c in range(40) if c not in masked_channels]
+    masked_rows = (out[:, rest] == mean[rest]).all(1)
+    assert 10 <= int(masked_rows.sum()) <= 60  # 6 spans of 10 frames, which may overlap
+    assert torch.equal(out[~masked_rows][:, rest], frames[~masked_rows][:, rest])  # the rest untouched
+    runs = masked_rows.int().diff().ne(0).sum()  # span edges: every masked stretch is at least one whole span
+    assert int(runs) <= 12
+    assert torch.equal(spec_augment(frames, cfg, "utt-1:7"), out)  # the same utterance and step: the same masks
+    assert not torch.equal(spec_augment(frames, cfg, "utt-1:8"), out)
+    assert torch.equal(spec_augment(frames, AlignConfig(), "utt-1:7"), frames)  # off by default
+
+
+@pytest.mark.parametrize("bad", [{"mask_time": 1.0}, {"mask_channels": -0.1}, {"mask_span": 0}])
+def test_bad_mask_settings_are_refused(bad):
+    with pytest.raises(TextkeepError, match="mask_"):
+        AlignConfig(**bad)

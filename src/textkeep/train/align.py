@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,14 @@ class AlignConfig:
     later use of the checkpoint: mean (the segment's mean output; Soundwave, Gaido et al. 2021) or posterior (its
     CTC posterior's mixture of token embeddings; LegoSLM). Needs the ctc objective in this run or in the run
     `model` continues."""
+    mask_time: float = 0.0
+    """SpecAugment on the cached encoder frames (Park et al., 2019), against memorising the training utterances: up
+    to this fraction of each utterance's frames (spans of `mask_span`, which may overlap) is replaced by its mean
+    frame, drawn afresh at every step. 0: off. Built in session 8, not yet measured."""
+    mask_span: int = 10
+    """the length of a time mask in encoder frames (10 = 200 ms, two adaptor outputs)."""
+    mask_channels: float = 0.0
+    """the fraction of the encoder's channels replaced by their mean over the utterance, per utterance and step."""
 
     def __post_init__(self):
         if not self.phases:
@@ -92,6 +101,11 @@ class AlignConfig:
                 raise TextkeepError(f"bad alignment setting: phase {i} needs steps; only the last may run to the end.")
         if not (self.temperature > 0 and self.answer_tokens >= 1):
             raise TextkeepError("bad alignment setting: temperature must be > 0 and answer_tokens ≥ 1.")
+        if not (0 <= self.mask_time < 1 and 0 <= self.mask_channels < 1 and self.mask_span >= 1):
+            raise TextkeepError(
+                f"bad alignment setting: mask_time ({self.mask_time}) and mask_channels ({self.mask_channels}) must "
+                f"be in [0, 1), and mask_span ({self.mask_span}) ≥ 1."
+            )
 
     def mix_at(self, step: int) -> dict[str, float]:
         """The mix of the phase that optimizer step `step` (1-based) belongs to."""
@@ -148,6 +162,23 @@ class AlignExamples:
         part = [self.records[i] for i in idx]
         frames = self.cache.frames(part, progress=False)
         return [AlignItem(f, r.instruction.strip(), r.response or None, r.id) for r, f in zip(part, frames)]
+
+
+def spec_augment(frames: torch.Tensor, cfg: AlignConfig, key: str) -> torch.Tensor:
+    """(n, d) encoder frames with SpecAugment's time and channel masks, filled with the utterance's mean (the frames
+    are Whisper's outputs, not a spectrogram, so no value is "silence"). The masks are a function of `key` (the
+    utterance and the step), so a resumed run draws the same ones. Written here: torchaudio's masking works on
+    spectrogram batches and draws from the global generator."""
+    n, d = frames.shape
+    gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    out, mean = frames.clone(), frames.mean(0)
+    span = min(cfg.mask_span, n)
+    for _ in range(round(cfg.mask_time * n / cfg.mask_span)):
+        start = int(torch.randint(0, n - span + 1, (1,), generator=gen))
+        out[start : start + span] = mean
+    channels = torch.randperm(d, generator=gen)[: round(cfg.mask_channels * d)].to(frames.device)
+    out[:, channels] = mean[channels]
+    return out
 
 
 # ---- the objective -----------------------------------------------------------------------------------------------
@@ -221,6 +252,10 @@ class AlignObjective(nn.Module):
 
     def forward(self, items: list[AlignItem], step: int = 1) -> torch.Tensor:
         mix = {k: w for k, w in self.cfg.mix_at(step).items() if w > 0}
+        if self.cfg.mask_time or self.cfg.mask_channels:
+            items = [
+                dataclasses.replace(it, speech=spec_augment(it.speech, self.cfg, f"{it.id}:{step}")) for it in items
+            ]
         terms: dict[str, torch.Tensor] = {}
         if {"kd", "self", "hidden"} & set(mix):
             terms |= self._distill(items, mix)
