@@ -79,7 +79,7 @@ class AlignConfig:
     mask_time: float = 0.0
     """SpecAugment on the cached encoder frames (Park et al., 2019), against memorising the training utterances: up
     to this fraction of each utterance's frames (spans of `mask_span`, which may overlap) is replaced by its mean
-    frame, drawn afresh at every step. 0: off. Built in session 8, not yet measured."""
+    frame, drawn afresh at every step. 0: off. It halved the held-out CTC WER at equal steps (docs/align.md)."""
     mask_span: int = 10
     """the length of a time mask in encoder frames (10 = 200 ms, two adaptor outputs)."""
     mask_channels: float = 0.0
