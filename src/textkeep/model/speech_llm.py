@@ -154,16 +154,18 @@ def shared_prefix(llm, batch: TokenBatch) -> int:
 
 
 def decode(llm, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None, **kwargs):
-    """The decoder's output over `batch` from column h on, and h (`shared_prefix`): what `llm.get_decoder()` returns
-    for the whole batch, minus its first h positions, which predict no label. The position h + j of a row predicts
-    its label at h + j + 1. Written here because transformers shares a prompt's cache only in generation."""
+    """The decoder's output over `batch` from column h on (h from `shared_prefix`: the first h positions predict no
+    label), and the labels its positions predict: output position j's target is column j of the labels returned, so
+    `out[:, :-1]` lines up with them. Written here because transformers shares a prompt's cache only in generation."""
     decoder = llm.get_decoder()
     mask = batch.attention_mask
     positions = SpeechLLM.position_ids(mask)
     h = shared_prefix(llm, batch)
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
     if not h:
-        return decoder(**inputs, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs), 0
+        return decoder(**inputs, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs), batch.labels[
+            :, 1:
+        ]
     head = {k: v[:1, :h] for k, v in inputs.items()}
     with torch.no_grad():
         cache = decoder(**head, attention_mask=mask[:1, :h], position_ids=positions[:1, :h], use_cache=True)
@@ -173,7 +175,7 @@ def decode(llm, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None, **
     out = decoder(
         **rest, attention_mask=mask, position_ids=positions[:, h:], past_key_values=cache, use_cache=True, **kwargs
     )
-    return out, h
+    return out, batch.labels[:, h + 1 :]
 
 
 def _join_caches(cache, mask, other, other_mask):
@@ -375,9 +377,8 @@ class SpeechLLM(nn.Module):
         prompt and speech position is most of the activation memory otherwise.
         """
         batch = batch.to(self.device)
-        out, h = decode(self.llm, batch, self.embed(batch))
+        out, targets = decode(self.llm, batch, self.embed(batch))
         hidden = out.last_hidden_state
-        targets = batch.labels[:, h + 1 :]
         keep = targets != IGNORE_INDEX
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
         loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")

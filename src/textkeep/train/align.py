@@ -292,8 +292,7 @@ class AlignObjective(nn.Module):
         m = self.model
         batch = batch.to(m.device)
         with torch.set_grad_enabled(grad):
-            out, h = decode(m.llm, batch, m.embed(batch), output_hidden_states=True)
-            labels = batch.labels[:, h + 1 :]
+            out, labels = decode(m.llm, batch, m.embed(batch), output_hidden_states=True)
             keep = labels != -100
             states = [x[:, :-1][keep] for x in out.hidden_states[1:]]
             logits = m.llm.get_output_embeddings()(states[-1])

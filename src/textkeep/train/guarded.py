@@ -164,7 +164,6 @@ def response_logits(llm, batch) -> torch.Tensor:
     """A text-only batch's logits (fp32) at the positions that predict its response tokens."""
     from textkeep.model.speech_llm import IGNORE_INDEX, decode
 
-    out, h = decode(llm, batch)  # the frozen teacher's pass shares the prompt head's KV
-    hidden = out.last_hidden_state
-    keep = batch.labels[:, h + 1 :] != IGNORE_INDEX
-    return llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    out, targets = decode(llm, batch)  # the frozen teacher's pass shares the prompt head's KV
+    keep = targets != IGNORE_INDEX
+    return llm.get_output_embeddings()(out.last_hidden_state[:, :-1][keep]).float()
