@@ -75,7 +75,11 @@ def test_study_runs_every_stage_and_writes_the_report(finished):
         assert (out / stage / "stage.json").is_file(), stage
     results = json.loads((out / "report" / "results.json").read_text())
     beyond = {"masked"}  # a strategy beyond the paper gets its row too
-    assert set(results["table2"]) == {"no-ft", "full", "layer-lr", "lora"} | beyond
+    assert set(results["table2"]) == {"no-ft", "aligned", "full", "layer-lr", "lora"} | beyond
+    # every strategy starts from the align stage's adaptor
+    assert json.loads((out / "train" / "full" / "train_config.json").read_text())["args"]["model"] == str(
+        out / "align" / "run"
+    )
     assert (out / "report" / "tradeoff.png").is_file()
     assert set(map(str, results["table3"])) == {"8", "16"}
     assert {"speech", "text"} <= set(results["table1"]["Full-FT"])

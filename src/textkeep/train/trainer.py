@@ -212,7 +212,7 @@ def fit(
 
     `objective`: the loss (default `ResponseObjective`, the paper's). `on_step(step, model)`: called on the main
     process after every optimizer step, before its checkpoint (alignment measures its learning curve there)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -225,7 +225,13 @@ def fit(
     # On a GPU accelerate's mixed precision; on the CPU torch's bf16 autocast around the forward, since accelerate
     # fixes its precision once per process (a later run with another setting would be refused).
     on_gpu = torch.cuda.is_available()
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision if on_gpu else "no")
+    # An aligned adaptor's CTC logit scale gets a gradient only from align's ctc objective and from posterior
+    # compression, so a loss that uses neither (Stage 1 after `align`, a kd phase) leaves it unused, which DDP
+    # refuses unless it looks for unused parameters (one graph walk per step, so only when there is such a head).
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(model.adaptor, "has_ctc", False)))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision if on_gpu else "no", kwargs_handlers=[ddp]
+    )
     cpu_bf16 = precision == "bf16" and not on_gpu
     main = accelerator.is_main_process
     stream = _Stream(data.lengths, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
