@@ -34,8 +34,19 @@ def _textkeep() -> list[str]:
 
 
 def _accuracy(eval_dir: Path) -> dict:
+    """{set/mode: (has_answer accuracy, its 95% bootstrap interval)} of an eval run."""
     metrics = json.loads((eval_dir / "metrics.json").read_text())["results"]
-    return {f"{s}/{m}": r["has_answer"]["accuracy"] for s, by in metrics.items() for m, r in by.items()}
+    return {
+        f"{s}/{m}": (r["has_answer"]["accuracy"], r["has_answer"]["ci95"])
+        for s, by in metrics.items()
+        for m, r in by.items()
+    }
+
+
+def _pct(acc) -> str:
+    """(accuracy, [lo, hi]) → "11.3 [8.0, 15.0]"."""
+    value, (lo, hi) = acc
+    return f"{100 * value:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def main() -> None:
@@ -129,25 +140,27 @@ def _table(curves: dict[str, list[dict]], test: dict[str, dict], path: Path) -> 
     for name, rows in curves.items():
         last = rows[-1]
         acc = test.get(name, {})
-        cells = [100 * acc[c] if c in acc else None for c in cols]
+        cells = [_pct(acc[c]) if c in acc else "–" for c in cols]
         ratios = [
-            acc[c] / t2t[c.replace("s2t", "t2t")] if c in acc and t2t.get(c.replace("s2t", "t2t")) else None
+            f"{acc[c][0] / t2t[c.replace('s2t', 't2t')][0]:.2f}"
+            if c in acc and t2t.get(c.replace("s2t", "t2t"), (0,))[0]
+            else "–"
             for c in cols
         ]
         fmt = lambda x, p="{:.1f}": "–" if x is None else p.format(x)  # noqa: E731
         lines.append(
             f"| {name} | {last['examples']} | {last['train_minutes']:.1f} | {100 * last['s2t']:.1f} | "
             f"{fmt(100 * last['t2t'] if 't2t' in last else None)} | {last['distinct']} | "
-            f"{fmt(100 * last['ctc_wer'] if 'ctc_wer' in last else None)} | {fmt(cells[0])} | "
-            f"{fmt(cells[1])} | {fmt(ratios[0], '{:.2f}')} | {fmt(ratios[1], '{:.2f}')} |"
+            f"{fmt(100 * last['ctc_wer'] if 'ctc_wer' in last else None)} | {cells[0]} | "
+            f"{cells[1]} | {ratios[0]} | {ratios[1]} |"
         )
     if t2t:
+        get = lambda key: _pct(t2t[key]) if key in t2t else "–"  # noqa: E731
         lines.append(
-            f"\nT2T of the frozen LLM on the same questions: LLaMA Questions "
-            f"{100 * t2t.get('llama-questions/t2t', 0):.1f}%, Web Questions "
-            f"{100 * t2t.get('web-questions/t2t', 0):.1f}%. The cascade (Whisper base's transcript → the same LLM): "
-            f"LLaMA Questions {100 * t2t.get('llama-questions/cascade', 0):.1f}%, Web Questions "
-            f"{100 * t2t.get('web-questions/cascade', 0):.1f}%. Ratio: S2T ÷ T2T."
+            f"\nT2T of the frozen LLM on the same questions: LLaMA Questions {get('llama-questions/t2t')}, Web "
+            f"Questions {get('web-questions/t2t')}. The cascade (Whisper base's transcript → the same LLM): LLaMA "
+            f"Questions {get('llama-questions/cascade')}, Web Questions {get('web-questions/cascade')}. has_answer, %, "
+            "with 95% bootstrap intervals. Ratio: S2T ÷ T2T."
         )
     path.write_text("\n".join(lines) + "\n")
 
