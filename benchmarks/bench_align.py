@@ -57,6 +57,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-align"))
     parser.add_argument("--test-limit", type=int, default=300, help="spoken Web Questions test questions")
+    parser.add_argument("--batch-size", type=int, default=64, help="questions decoded together in the reporting evals")
+    parser.add_argument("--precision", default="bf16", help="the reporting evals' precision (fp32, bf16, auto)")
+    parser.add_argument("--no-cascade", action="store_true", help="leave out the cascade reference (Whisper decoding)")
     parser.add_argument("--skip-test", action="store_true", help="held-out curves only (no reporting sets)")
     parser.add_argument("--no-train", action="store_true", help="draw the runs as they stand; train nothing")
     args = parser.parse_args()
@@ -78,7 +81,7 @@ def main() -> None:
     if not args.skip_test:
         first = next(iter(runs.values()))
         base = json.loads((first / "train_config.json").read_text())["args"]["model"]
-        limit = ["--limit", str(args.test_limit)]
+        limit = ["--limit", str(args.test_limit), "--batch_size", str(args.batch_size), "--precision", args.precision]
         _run(
             [
                 *_textkeep(),
@@ -88,7 +91,7 @@ def main() -> None:
                 "--sets",
                 sets,
                 "--modes",
-                "[t2t, cascade]",
+                "[t2t]" if args.no_cascade else "[t2t, cascade]",
                 *limit,
                 "--out",
                 str(args.out / "t2t"),
@@ -158,9 +161,14 @@ def _table(curves: dict[str, list[dict]], test: dict[str, dict], path: Path) -> 
         get = lambda key: _pct(t2t[key]) if key in t2t else "–"  # noqa: E731
         lines.append(
             f"\nT2T of the frozen LLM on the same questions: LLaMA Questions {get('llama-questions/t2t')}, Web "
-            f"Questions {get('web-questions/t2t')}. The cascade (Whisper base's transcript → the same LLM): LLaMA "
-            f"Questions {get('llama-questions/cascade')}, Web Questions {get('web-questions/cascade')}. has_answer, %, "
-            "with 95% bootstrap intervals. Ratio: S2T ÷ T2T."
+            f"Questions {get('web-questions/t2t')}."
+            + (
+                f" The cascade (Whisper base's transcript → the same LLM): LLaMA Questions "
+                f"{get('llama-questions/cascade')}, Web Questions {get('web-questions/cascade')}."
+                if "llama-questions/cascade" in t2t
+                else ""
+            )
+            + " has_answer, %, with 95% bootstrap intervals. Ratio: S2T ÷ T2T."
         )
     path.write_text("\n".join(lines) + "\n")
 
