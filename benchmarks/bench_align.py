@@ -144,12 +144,8 @@ def _table(curves: dict[str, list[dict]], test: dict[str, dict], path: Path) -> 
         last = rows[-1]
         acc = test.get(name, {})
         cells = [_pct(acc[c]) if c in acc else "–" for c in cols]
-        ratios = [
-            f"{acc[c][0] / t2t[c.replace('s2t', 't2t')][0]:.2f}"
-            if c in acc and t2t.get(c.replace("s2t", "t2t"), (0,))[0]
-            else "–"
-            for c in cols
-        ]
+        refs = [t2t.get(c.replace("s2t", "t2t"), (0.0, None))[0] for c in cols]
+        ratios = [f"{acc[c][0] / ref:.2f}" if c in acc and ref else "–" for c, ref in zip(cols, refs)]
         fmt = lambda x, p="{:.1f}": "–" if x is None else p.format(x)  # noqa: E731
         lines.append(
             f"| {name} | {last['examples']} | {last['train_minutes']:.1f} | {100 * last['s2t']:.1f} | "

@@ -228,7 +228,7 @@ def fit(
     # An aligned adaptor's CTC logit scale gets a gradient only from align's ctc objective and from posterior
     # compression, so a loss that uses neither (Stage 1 after `align`, a kd phase) leaves it unused, which DDP
     # refuses unless it looks for unused parameters (one graph walk per step, so only when there is such a head).
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(getattr(model.adaptor, "has_ctc", False)))
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=model.adaptor.has_ctc)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision if on_gpu else "no", kwargs_handlers=[ddp]
     )
