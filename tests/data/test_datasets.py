@@ -51,6 +51,24 @@ def test_web_questions_real(data_dir):
     assert load_dataset("web-questions:test")[5] == recs[5]
 
 
+def test_web_questions_answers_are_each_distinct_training_answer_in_a_frame(data_dir):
+    from textkeep.data.datasets import ANSWER_FRAMES
+
+    raw = json.loads((data_dir / "webquestions" / "val.json").read_text(encoding="utf-8"))
+    wanted = {" ".join(a.lower().split()) for q in raw for a in q["answers"]} - {
+        a for a in (" ".join(a.lower().split()) for q in raw for a in q["answers"]) if "://" in a or "www." in a
+    }
+    recs = load_dataset("web-questions-answers:val")
+    said = {r.instruction: r for r in recs}
+    framed = {a: [said[f.format(a)] for f in ANSWER_FRAMES if f.format(a) in said] for a in wanted}
+    assert len(recs) == len(wanted) and all(len(hits) >= 1 for hits in framed.values())
+    assert len({r.id for r in recs}) == len(recs)
+    first = framed[" ".join(raw[0]["answers"][0].lower().split())][0]
+    assert first.meta["of"][0] == f"wq-{raw[0]['qId']}" and not first.answers
+    with pytest.raises(TextkeepError, match="reporting"):
+        load_dataset("web-questions-answers:test")
+
+
 def test_alpaca_real(data_dir):
     recs = load_dataset("alpaca")
     assert len(recs) == 51941

@@ -289,3 +289,25 @@ def test_spec_augment_fills_spans_and_channels_with_the_mean_and_draws_by_key():
 def test_bad_mask_settings_are_refused(bad):
     with pytest.raises(TextkeepError, match="mask_"):
         AlignConfig(**bad)
+
+
+def test_a_question_spoken_in_several_voices_is_held_out_in_every_voice():
+    from pathlib import Path
+
+    from textkeep.data.records import Record
+    from textkeep.train.align import split_heldout
+
+    def spoken(voice):
+        return [Record(f"q{i}", f"question {i}?", "a", Path(f"{voice}/q{i}.wav"), ("a",)) for i in range(20)]
+
+    alpaca = [Record(f"i{i}", f"instruction {i}", "r") for i in range(5)]  # no gold answers: never held out
+    one_train, one_held = split_heldout(spoken("kal") + alpaca, 6, seed=3)
+    train, held = split_heldout(spoken("kal") + alpaca + spoken("joe") + spoken("slt"), 6, seed=3)
+    assert held == one_held  # the same questions, in their first copy's voice
+    assert {r.id for r in held}.isdisjoint(r.id for r in train)
+    assert len(train) == len(one_train) + 2 * (20 - 6)
+    # an answer spoken in a frame leaves training with any question it answers
+    framed = [Record(f"a{i}", f"who is a{i}?", meta={"of": [f"q{i}", f"q{i + 1}"]}) for i in range(19)]
+    train, held = split_heldout(spoken("kal") + framed, 6, seed=3)
+    gone = {int(r.id[1:]) for r in held}
+    assert {r.id for r in train if r.id.startswith("a")} == {f"a{i}" for i in range(19) if not {i, i + 1} & gone}

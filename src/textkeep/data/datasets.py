@@ -4,6 +4,7 @@ Built-in names read the local copy under $TEXTKEEP_DATA_DIR (see /work/shared/da
 
     llama-questions                       llama_questions/llama_questions_300.tsv + wav/N.wav
     web-questions[:test|train|val|devtest] webquestions/{test,trainmodel,val,devtest}.json
+    web-questions-answers[:train|val]     the gold answers of those questions, each in a question frame
     alpaca, alpaca-gpt4                   alpaca/alpaca_cleaned.json, alpaca/alpaca_gpt4_sample.json
 
 Anything else is a path to a JSON list, JSONL, CSV or TSV file, or a Hugging Face hub id.
@@ -33,7 +34,13 @@ FIELDS = ("id", "instruction", "response", "answers", "audio", "input")
 
 _WQ_SPLITS = {"test": "test.json", "train": "trainmodel.json", "val": "val.json", "devtest": "devtest.json"}
 _ALPACA_FILES = {"alpaca": "alpaca_cleaned.json", "alpaca-gpt4": "alpaca_gpt4_sample.json"}
-BUILTIN = ("llama-questions", "web-questions", *_ALPACA_FILES)
+BUILTIN = ("llama-questions", "web-questions", "web-questions-answers", *_ALPACA_FILES)
+
+# Question frames for `web-questions-answers`, in Web Questions' own style (lower case, a question mark).
+ANSWER_FRAMES = (
+    "who is {}?", "what is {}?", "where is {}?", "tell me about {}.", "what do you know about {}?",
+    "what is {} known for?", "when did {} happen?", "is {} famous?", "what about {}?", "who was {}?",
+)  # fmt: skip
 
 # Column names of the hub copies (split, field map), used when the caller gives no `fields`.
 _HUB = {
@@ -104,6 +111,8 @@ def load_dataset(
     whole (missing, unparseable JSON, no rows) always raise.
     """
     name, _, split = name_or_path.partition(":")
+    if name == "web-questions-answers":
+        return answer_utterances(split)
     if name in BUILTIN:
         spec = _builtin_spec(name, split)
         return _load(spec, _read_rows(spec.path), skip_bad, bad_report)
@@ -123,6 +132,38 @@ def load_dataset(
         f"Unknown data set {name_or_path!r}: not a built-in name ({', '.join(BUILTIN)}), "
         "an existing file, or a hub id (owner/name). Check the spelling or the path."
     )
+
+
+def answer_utterances(split: str = "train") -> list[Record]:
+    """`web-questions-answers[:train|val]`: every distinct gold answer of a Web Questions training split, lower-cased
+    in one of ANSWER_FRAMES (chosen by a hash of the answer), to speak for alignment.
+
+    The answers are mostly names (people, places, teams, works), which the questions hold too and a CTC head
+    hears worst. `meta["of"]` lists the ids of the questions it answers, so that alignment holds an answer out
+    with its question.
+    They have no gold answers themselves: they are never held out or scored. Test is refused: it is for reporting.
+    """
+    split = split or "train"
+    if split not in ("train", "val"):
+        raise TextkeepError(f"web-questions-answers has splits train and val (got {split!r}): test is for reporting.")
+    of: dict[str, list[str]] = {}  # answer text → the ids of the questions it answers, in file order
+    for q in load_dataset(f"web-questions:{split}"):
+        for answer in q.answers:
+            text = " ".join(answer.lower().split())
+            if "://" not in text and "www." not in text:  # a few answers are URLs, which no one says
+                of.setdefault(text, []).append(q.id)
+    out = []
+    for text, ids in of.items():
+        frame = ANSWER_FRAMES[int(hashlib.sha256(text.encode()).hexdigest(), 16) % len(ANSWER_FRAMES)]
+        out.append(
+            Record(
+                f"wqa-{hashlib.sha1(text.encode()).hexdigest()[:12]}",
+                frame.format(text),
+                source="web-questions-answers",
+                meta={"split": split, "of": list(dict.fromkeys(ids))},
+            )  # fmt: skip
+        )
+    return out
 
 
 def attach_audio(records: list[Record], manifest_path: Path) -> list[Record]:

@@ -488,20 +488,31 @@ def fitting_window(records, max_seconds: float = MAX_SECONDS):
 
 
 def split_heldout(records, n: int, seed: int):
-    """(train, held-out): `n` records with gold answers drawn by a seeded permutation; never trained on."""
+    """(train, held-out): `n` questions with gold answers drawn by a seeded permutation; never trained on.
+
+    The draw is over distinct ids in first-seen order, so a data set listed again with other voices (`--spoken`)
+    keeps the same held-out questions, and every copy of a held-out question leaves training; the held-out row
+    is the question's first copy. So does every record whose `meta["of"]` names a held-out question."""
     import numpy as np
 
-    scorable = [i for i, r in enumerate(records) if r.answers]
-    pick = set(np.random.default_rng([seed, 7]).permutation(len(scorable))[:n].tolist())
-    held = {scorable[j] for j in pick}
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+    first: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if r.answers:
+            first.setdefault(r.id, i)
+    scorable = list(first.values())
+    pick = np.random.default_rng([seed, 7]).permutation(len(scorable))[:n].tolist()
+    held_ids = {records[scorable[j]].id for j in pick}
+    held = sorted(scorable[j] for j in pick)
+    # A record made from a held-out question (`web-questions-answers`: its answer in a frame) leaves with it.
+    kept = [r for r in records if r.id not in held_ids and held_ids.isdisjoint(r.meta.get("of", ()))]
+    return kept, [records[i] for i in held]
 
 
 def align(
     model: str = "smollm2-135m-instruct",
     encoder: str = "whisper-base",
     data: list[str] = ["web-questions:train", "web-questions:val"],
-    spoken: list[Path] | None = None,
+    spoken: list[Path | None] | None = None,
     out: Path = Path("runs/align"),
     heldout: int = 200,
     eval_every: int = 50,
@@ -520,7 +531,8 @@ def align(
         data: spoken data sets with transcripts: each a data set name or file whose records get their audio from
             the matching `spoken` manifest (`textkeep speak`), or that has recorded audio. Never LLaMA Questions or
             Web Questions test: they are for reporting.
-        spoken: one TTS manifest per data set; default: the cache's spoken/<data>/manifest.jsonl.
+        spoken: one TTS manifest per data set (null: the default), so a set may be listed again with other
+            voices; default: the cache's spoken/<data>/manifest.jsonl.
         out: the run directory (model/, curve.jsonl, teacher.jsonl, metrics, checkpoints).
         heldout: questions with gold answers kept out of training, on which the S2T curve is measured.
         eval_every: measure the held-out S2T every N optimizer steps (and at the end).
