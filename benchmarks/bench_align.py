@@ -1,7 +1,7 @@
 """Alignment recipes side by side: S2T against examples seen and training minutes, with T2T as the reference line.
 
     python benchmarks/bench_align.py configs/align/asr.yaml configs/align/asr-kd.yaml [--steps 300] [--out DIR]
-        [--test-limit 300]
+        [--test-limit 300] [--report asr-kd]
 
 Each recipe is an `align` config, run (or resumed) into DIR/<name> with the same step budget. Its held-out curve
 (curve.jsonl: S2T on a slice of its own training questions, never trained on) is what recipes are chosen by. At
@@ -10,8 +10,9 @@ the end each final model is evaluated once on the reporting sets: all 300 LLaMA 
 T2T on the same questions (unchanged by alignment: the LLM is frozen) and the cascade's (Whisper base's own
 transcript through the text path: the ceiling an encoder–adaptor model of this LLM can aim at).
 
-Writes DIR/align_curves.png and DIR/align_table.md. Every number is measured in this one run (or read back from
-the resumed runs' own files, which hold their measured times).
+`--report` names the recipe chosen on the held-out curves, so that only it is scored on the reporting sets (they
+are for reporting once, never for choosing). Writes DIR/align_curves.png and DIR/align_table.md. Every number is
+measured in this one run (or read back from the resumed runs' own files, which hold their measured times).
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def main() -> None:
     parser.add_argument("--no-cascade", action="store_true", help="leave out the cascade reference (Whisper decoding)")
     parser.add_argument("--skip-test", action="store_true", help="held-out curves only (no reporting sets)")
     parser.add_argument("--no-train", action="store_true", help="draw the runs as they stand; train nothing")
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        help="the recipes (config stems) evaluated on the reporting sets, chosen on the held-out curves first "
+        "(default: all); the others are drawn and tabled from their held-out curves only",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -98,15 +106,59 @@ def main() -> None:
             ]
         )
         test["T2T (frozen LLM)"] = _accuracy(args.out / "t2t")
+        unknown = set(args.report or []) - set(runs)
+        if unknown:
+            raise SystemExit(f"--report names {sorted(unknown)}, which are not among the recipes {list(runs)}.")
         for name, out in runs.items():
+            if args.report is not None and name not in args.report:
+                continue
             _run([*_textkeep(), "eval", "--model", str(out), "--sets", sets, "--modes", "[s2t]", *limit,
                   "--out", str(out / "test-eval")])  # fmt: skip
             test[name] = _accuracy(out / "test-eval")
 
     curves = {n: [json.loads(x) for x in (o / "curve.jsonl").read_text().splitlines()] for n, o in runs.items()}
+    curves = _chained(curves, runs)
     _figure(curves, args.out / "align_curves.png")
     _table(curves, test, args.out / "align_table.md")
     print((args.out / "align_table.md").read_text())
+
+
+def _chained(curves: dict[str, list[dict]], runs: dict[str, Path]) -> dict[str, list[dict]]:
+    """The curves with a stage that continues another listed run (its `model:` is that run) drawn from where that
+    one ended: its examples and training minutes offset by the earlier stages' totals (`chain_examples`,
+    `chain_minutes`), so a chain of stages reads as one curve against its whole cost."""
+    parent = {}
+    for name, out in runs.items():
+        model = Path(json.loads((out / "train_config.json").read_text())["args"]["model"])
+        model = model.parent if model.name == "model" else model
+        parent[name] = next((n for n, o in runs.items() if o.resolve() == model.resolve() and n != name), None)
+    start: dict[str, dict] = {}  # each run's totals before its own steps
+
+    def totals_before(name: str, seen: frozenset = frozenset()) -> dict:
+        if name not in start:
+            up = parent[name]
+            if up is None or up in seen:  # a fresh adaptor, or a cycle of runs continuing each other
+                start[name] = {"chain_examples": 0, "chain_minutes": 0.0}
+            else:
+                base, rows = totals_before(up, seen | {name}), curves[up]
+                start[name] = {
+                    "chain_examples": base["chain_examples"] + (rows[-1]["examples"] if rows else 0),
+                    "chain_minutes": base["chain_minutes"] + (rows[-1]["train_minutes"] if rows else 0.0),
+                }
+        return start[name]
+
+    out = {}
+    for name, rows in curves.items():
+        base = totals_before(name)
+        out[name] = [
+            {
+                **r,
+                "chain_examples": base["chain_examples"] + r["examples"],
+                "chain_minutes": base["chain_minutes"] + r["train_minutes"],
+            }  # fmt: skip
+            for r in rows
+        ]
+    return out
 
 
 def _figure(curves: dict[str, list[dict]], path: Path) -> None:
@@ -116,14 +168,14 @@ def _figure(curves: dict[str, list[dict]], path: Path) -> None:
     ax_ex, ax_min = fig.subplots(1, 2, sharey=True)
     for name, rows in curves.items():
         s2t = [100 * r["s2t"] for r in rows]
-        line = ax_ex.plot([r["examples"] for r in rows], s2t, marker="o", markersize=3, label=name)[0]
-        ax_min.plot([r["train_minutes"] for r in rows], s2t, marker="o", markersize=3, color=line.get_color())
+        line = ax_ex.plot([r["chain_examples"] for r in rows], s2t, marker="o", markersize=3, label=name)[0]
+        ax_min.plot([r["chain_minutes"] for r in rows], s2t, marker="o", markersize=3, color=line.get_color())
         t2t = next((r["t2t"] for r in rows if "t2t" in r), None)
         if t2t is not None:
             for ax in (ax_ex, ax_min):
                 ax.axhline(100 * t2t, color="grey", linestyle="--", linewidth=1)
-    ax_ex.set_xlabel("examples seen")
-    ax_min.set_xlabel("training minutes (2 CPU cores)")
+    ax_ex.set_xlabel("examples seen (a stage continuing another listed run starts where it ended)")
+    ax_min.set_xlabel("training minutes (2 CPU cores), chained stages cumulated")
     ax_ex.set_ylabel("held-out S2T, has_answer (%)")
     for ax in (ax_ex, ax_min):
         ax.grid(alpha=0.3)
@@ -136,10 +188,10 @@ def _table(curves: dict[str, list[dict]], test: dict[str, dict], path: Path) -> 
     cols = ["llama-questions/s2t", "web-questions/s2t"]
     t2t = test.get("T2T (frozen LLM)", {})
     head = (
-        "| recipe | examples | train min | held-out S2T | held-out T2T | distinct | held-out CTC WER | LQ S2T "
-        "| WQ S2T | LQ ratio | WQ ratio |"
+        "| recipe | examples | train min | chain min | held-out S2T | held-out T2T | distinct | held-out CTC WER "
+        "| LQ S2T | WQ S2T | LQ ratio | WQ ratio |"
     )
-    lines = [head, "|---" * 11 + "|"]
+    lines = [head, "|---" * 12 + "|"]
     for name, rows in curves.items():
         last = rows[-1]
         acc = test.get(name, {})
@@ -148,7 +200,8 @@ def _table(curves: dict[str, list[dict]], test: dict[str, dict], path: Path) -> 
         ratios = [f"{acc[c][0] / ref:.2f}" if c in acc and ref else "–" for c, ref in zip(cols, refs)]
         fmt = lambda x, p="{:.1f}": "–" if x is None else p.format(x)  # noqa: E731
         lines.append(
-            f"| {name} | {last['examples']} | {last['train_minutes']:.1f} | {100 * last['s2t']:.1f} | "
+            f"| {name} | {last['examples']} | {last['train_minutes']:.1f} | {last['chain_minutes']:.1f} | "
+            f"{100 * last['s2t']:.1f} | "
             f"{fmt(100 * last['t2t'] if 't2t' in last else None)} | {last['distinct']} | "
             f"{fmt(100 * last['ctc_wer'] if 'ctc_wer' in last else None)} | {cells[0]} | "
             f"{cells[1]} | {ratios[0]} | {ratios[1]} |"
