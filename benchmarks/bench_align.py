@@ -71,6 +71,9 @@ def main() -> None:
         "(default: all); the others are drawn and tabled from their held-out curves only",
     )
     args = parser.parse_args()
+    unknown = set(args.report or []) - {r.stem for r in args.recipes}
+    if unknown:  # before any training or evaluation, not after
+        parser.error(f"--report names {sorted(unknown)}, which are not among the recipes' stems.")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -106,9 +109,6 @@ def main() -> None:
             ]
         )
         test["T2T (frozen LLM)"] = _accuracy(args.out / "t2t")
-        unknown = set(args.report or []) - set(runs)
-        if unknown:
-            raise SystemExit(f"--report names {sorted(unknown)}, which are not among the recipes {list(runs)}.")
         for name, out in runs.items():
             if args.report is not None and name not in args.report:
                 continue
@@ -131,31 +131,22 @@ def _chained(curves: dict[str, list[dict]], runs: dict[str, Path]) -> dict[str, 
     for name, out in runs.items():
         model = Path(json.loads((out / "train_config.json").read_text())["args"]["model"])
         model = model.parent if model.name == "model" else model
-        parent[name] = next((n for n, o in runs.items() if o.resolve() == model.resolve() and n != name), None)
-    start: dict[str, dict] = {}  # each run's totals before its own steps
+        parent[name] = next((n for n, o in runs.items() if n != name and o.resolve() == model.resolve()), None)
 
-    def totals_before(name: str, seen: frozenset = frozenset()) -> dict:
-        if name not in start:
-            up = parent[name]
-            if up is None or up in seen:  # a fresh adaptor, or a cycle of runs continuing each other
-                start[name] = {"chain_examples": 0, "chain_minutes": 0.0}
-            else:
-                base, rows = totals_before(up, seen | {name}), curves[up]
-                start[name] = {
-                    "chain_examples": base["chain_examples"] + (rows[-1]["examples"] if rows else 0),
-                    "chain_minutes": base["chain_minutes"] + (rows[-1]["train_minutes"] if rows else 0.0),
-                }
-        return start[name]
+    def before(name: str, depth: int = 0) -> tuple[int, float]:
+        """(examples, minutes) of the stages `name` continues; the depth bound stops a cycle of runs."""
+        up = parent[name]
+        if up is None or depth > len(runs):
+            return 0, 0.0
+        examples, minutes = before(up, depth + 1)
+        last = curves[up][-1] if curves[up] else {"examples": 0, "train_minutes": 0.0}
+        return examples + last["examples"], minutes + last["train_minutes"]
 
     out = {}
     for name, rows in curves.items():
-        base = totals_before(name)
+        examples, minutes = before(name)
         out[name] = [
-            {
-                **r,
-                "chain_examples": base["chain_examples"] + r["examples"],
-                "chain_minutes": base["chain_minutes"] + r["train_minutes"],
-            }  # fmt: skip
+            {**r, "chain_examples": examples + r["examples"], "chain_minutes": minutes + r["train_minutes"]}
             for r in rows
         ]
     return out
